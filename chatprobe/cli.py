@@ -1,0 +1,243 @@
+"""The `chatprobe` command: serve, probe, demo.
+
+Every user error ends in one line on stderr and exit 3 (the harness could not run); a broken
+target ends in the summary (or one line) and exit 2. No traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlsplit
+
+from chatprobe import __version__
+from chatprobe.config import TargetConfig, load_target
+from chatprobe.errors import HarnessError
+from chatprobe.verdict import RunSummary, Status, render_table
+
+EXIT_UNKNOWN = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # Bad arguments mean the probe could not run: UNKNOWN (3), one line.
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_UNKNOWN)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0-65535")
+    return value
+
+
+def check_target_url(url: str) -> str:
+    """One-line HarnessError for a URL that cannot name a chat target."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise HarnessError(f"malformed target URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https", "ws", "wss"):
+        raise HarnessError(f"malformed target URL {url!r}: scheme must be http, https, ws or "
+                           "wss")
+    if not parts.hostname:
+        raise HarnessError(f"malformed target URL {url!r}: no host")
+    if port == 0:
+        raise HarnessError(f"malformed target URL {url!r}: port 0")
+    return url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="chatprobe", description=(
+        "Proves customer-service chat delivers: stamped messages from fake customers, "
+        "receipt confirmed by probe agents, loss and latency measured honestly."))
+    parser.add_argument("--version", action="version", version=f"chatprobe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the reference customer-service chat service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_port, default=8765, help="0 picks a free port")
+    serve.add_argument("--admin-token", help="admin API token (default: generated, printed)")
+    serve.add_argument("--config", type=Path, help="shops/agents YAML or JSON "
+                       "(default: fixtures/shops/demo.yaml)")
+    serve.add_argument("--db", help="SQLite file (default: ~/.local/state/chatprobe/"
+                       "reference-service.sqlite3; ':memory:' for none)")
+
+    probe = sub.add_parser("probe", help="send stamped messages and confirm their receipt")
+    _probe_arguments(probe, target_required=True)
+
+    demo = sub.add_parser("demo", help="start the reference service and probe it")
+    _probe_arguments(demo, target_required=False)
+    demo.set_defaults(messages=2000, customers=20, rate=1000.0)
+    return parser
+
+
+def _probe_arguments(parser: argparse.ArgumentParser, target_required: bool) -> None:
+    if target_required:
+        parser.add_argument("--target", required=True, metavar="URL",
+                            help="base URL of the chat service, e.g. http://127.0.0.1:8765")
+    parser.add_argument("--messages", type=_positive_int, default=200, metavar="N")
+    parser.add_argument("--customers", type=_positive_int, default=10, metavar="K")
+    parser.add_argument("--rate", type=_positive_float, default=500.0, metavar="MSG_PER_S",
+                        help="planned send rate; latency counts from each planned time")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="target config "
+                        "(default: fixtures/targets/reference.yaml)")
+    parser.add_argument("--admin-token", help="back-office token for message traces")
+    parser.add_argument("--sla-ms", type=_positive_float, help="late after this (default 3000)")
+    parser.add_argument("--deadline-ms", type=_positive_float,
+                        help="lost after this (default 10000)")
+    parser.add_argument("--run-id", help="stamp run id (default: random)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
+    parser.add_argument("--alluredir", type=Path, metavar="DIR", help="write Allure results")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _target_config(args: argparse.Namespace) -> TargetConfig:
+    config = load_target(args.config)
+    changes: dict[str, object] = {}
+    if args.admin_token:
+        changes["admin_token"] = args.admin_token
+    if args.sla_ms:
+        changes["sla_ms"] = args.sla_ms
+    if args.deadline_ms:
+        changes["deadline_ms"] = args.deadline_ms
+    config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    if config.deadline_ms < config.sla_ms:
+        raise HarnessError("--deadline-ms must be at least --sla-ms")
+    return config
+
+
+def _check_output_paths(args: argparse.Namespace) -> None:
+    if args.json is not None and args.json.is_dir():
+        raise HarnessError(f"--json {args.json} is a directory")
+    if args.alluredir is not None and args.alluredir.exists() and not args.alluredir.is_dir():
+        raise HarnessError(f"--alluredir {args.alluredir} is not a directory")
+
+
+def _report(args: argparse.Namespace, summary: RunSummary, started_s: float) -> int:
+    doc = summary.to_json()
+    table = render_table(doc)
+    print(table, flush=True)
+    try:
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        if args.alluredir is not None:
+            from chatprobe.allure_results import write_probe_result
+
+            write_probe_result(args.alluredir, doc, table, started_s)
+    except OSError as exc:
+        print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    return int(Status[doc["status"]])
+
+
+def _probe_options(args: argparse.Namespace) -> object:
+    from chatprobe.probe import ProbeOptions, print_progress
+
+    return ProbeOptions(messages=args.messages, customers=args.customers, rate_per_s=args.rate,
+                        run_id=args.run_id, progress=None if args.quiet else print_progress)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from chatprobe.probe import ProbeOptions, run_probe
+    from chatprobe.stamp import StampError
+
+    target = check_target_url(args.target)
+    config = _target_config(args)
+    _check_output_paths(args)
+    options = _probe_options(args)
+    assert isinstance(options, ProbeOptions)
+    started = time.time()
+    try:
+        summary = asyncio.run(run_probe(target, config, options))
+    except StampError as exc:
+        raise HarnessError(str(exc)) from None
+    return _report(args, summary, started)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from chatprobe.probe import ProbeOptions, run_probe
+    from chatprobe.service.runner import start_service
+
+    config = _target_config(args)
+    _check_output_paths(args)
+    options = _probe_options(args)
+    assert isinstance(options, ProbeOptions)
+    started = time.time()
+
+    async def main() -> RunSummary:
+        with tempfile.TemporaryDirectory(prefix="chatprobe-demo-") as folder:
+            running = await start_service(port=0, db=Path(folder) / "demo.sqlite3")
+            print(f"chatprobe demo: reference service on {running.base_url}; probing with "
+                  f"{args.messages} messages from {args.customers} customers", flush=True)
+            try:
+                demo_config = dataclasses.replace(
+                    config, admin_token=config.admin_token or running.admin_token)
+                return await run_probe(running.base_url, demo_config, options)
+            finally:
+                await running.stop()
+
+    return _report(args, asyncio.run(main()), started)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from chatprobe.service.runner import serve
+
+    return serve(args.host, args.port, args.config, args.db, args.admin_token)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"serve": cmd_serve, "probe": cmd_probe, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except HarnessError as exc:
+        print(f"chatprobe: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    except KeyboardInterrupt:
+        print("chatprobe: interrupted", file=sys.stderr)
+        return EXIT_UNKNOWN
+    except Exception as exc:  # a harness bug must still be UNKNOWN, in one line
+        if os.environ.get("CHATPROBE_DEBUG"):
+            raise
+        print(f"chatprobe: internal error: {type(exc).__name__}: {exc} "
+              "(CHATPROBE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_UNKNOWN
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

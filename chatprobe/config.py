@@ -1,0 +1,120 @@
+"""Target configuration: which protocol, shop, probe agents and thresholds a probe uses.
+
+Pure parsing plus one file read. Every error is a one-line HarnessError naming the field, so a
+broken config exits 3 (the probe could not run), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatprobe.errors import HarnessError
+from chatprobe.paths import fixtures_dir
+
+CHANNELS = ("web", "app", "mini_program")
+
+
+@dataclass(frozen=True)
+class AgentCredential:
+    id: str
+    token: str
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    protocol: str = "reference"
+    shop: str = "demo"
+    agents: tuple[AgentCredential, ...] = ()
+    admin_token: str | None = None
+    client_version: str = "5.0.0"
+    channels: tuple[str, ...] = ("web",)
+    sla_ms: float = 3000.0
+    deadline_ms: float = 10000.0
+    connect_timeout_s: float = 5.0
+    reconnect_window_s: float = 30.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_target_path() -> Path:
+    return fixtures_dir() / "targets" / "reference.yaml"
+
+
+def _number(value: Any, where: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise HarnessError(f"{where} must be a number between {low:g} and {high:g}")
+    return float(value)
+
+
+def parse_target(document: Any, source: str) -> TargetConfig:
+    if not isinstance(document, dict):
+        raise HarnessError(f"{source}: a target config must be a mapping")
+    known = {"protocol", "shop", "agents", "admin_token", "client_version", "channels",
+             "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s", "extra"}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise HarnessError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    agents_raw = document.get("agents", [])
+    if not isinstance(agents_raw, list) or not agents_raw:
+        raise HarnessError(f"{source}: 'agents' must be a non-empty list of {{id, token}}")
+    agents = []
+    for i, item in enumerate(agents_raw):
+        if (not isinstance(item, dict) or not isinstance(item.get("id"), str)
+                or not isinstance(item.get("token"), str)):
+            raise HarnessError(f"{source}: agents[{i}] needs string 'id' and 'token'")
+        agents.append(AgentCredential(item["id"], item["token"]))
+    channels_raw = document.get("channels", ["web"])
+    if isinstance(channels_raw, str):
+        channels_raw = [channels_raw]
+    if not isinstance(channels_raw, list) or not channels_raw or any(
+            c not in CHANNELS for c in channels_raw):
+        raise HarnessError(f"{source}: 'channels' must list some of {', '.join(CHANNELS)}")
+    for key in ("protocol", "shop", "client_version"):
+        if key in document and not isinstance(document[key], str):
+            raise HarnessError(f"{source}: '{key}' must be a string")
+    admin_token = document.get("admin_token")
+    if admin_token is not None and not isinstance(admin_token, str):
+        raise HarnessError(f"{source}: 'admin_token' must be a string or null")
+    sla = _number(document.get("sla_ms", 3000), f"{source}: sla_ms", 1, 3_600_000)
+    deadline = _number(document.get("deadline_ms", 10000), f"{source}: deadline_ms", 1,
+                       3_600_000)
+    if deadline < sla:
+        raise HarnessError(f"{source}: deadline_ms must be at least sla_ms")
+    extra = document.get("extra", {})
+    if not isinstance(extra, dict):
+        raise HarnessError(f"{source}: 'extra' must be a mapping")
+    return TargetConfig(
+        protocol=document.get("protocol", "reference"),
+        shop=document.get("shop", "demo"),
+        agents=tuple(agents),
+        admin_token=admin_token,
+        client_version=document.get("client_version", "5.0.0"),
+        channels=tuple(channels_raw),
+        sla_ms=sla,
+        deadline_ms=deadline,
+        connect_timeout_s=_number(document.get("connect_timeout_s", 5), f"{source}: "
+                                  "connect_timeout_s", 0.1, 300),
+        reconnect_window_s=_number(document.get("reconnect_window_s", 30), f"{source}: "
+                                   "reconnect_window_s", 0, 3600),
+        extra=extra,
+    )
+
+
+def load_target(path: Path | None) -> TargetConfig:
+    path = path or default_target_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise HarnessError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise HarnessError(f"config {path} is not UTF-8 text") from None
+    try:
+        document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HarnessError(f"config {path} is not valid YAML/JSON: {first}") from None
+    return parse_target(document, str(path))

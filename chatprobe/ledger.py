@@ -1,0 +1,271 @@
+"""The delivery ledger: records stamped sends and receipts and names every message's outcome.
+
+Pure code: every method takes the time (microseconds on the run's clock) as an argument and
+does no I/O, so the same ledger serves asyncio probes, gevent Locust users and tests.
+
+Rules (measurement.md):
+
+* every sent message ends as exactly one of delivered (first receipt within the SLA), late
+  (first receipt after the SLA but before the deadline) or lost (no receipt by the deadline);
+  ``sent == delivered + late + lost + pending`` holds at every moment, and ``pending`` is 0
+  after :meth:`Ledger.finish`;
+* flags on top: duplicate (each extra copy received), reordered (first receipt after a later
+  message of the same conversation was received: *not* loss plus duplicate), misrouted
+  (received by a receiver not expected for that conversation), forged (stamp of this run whose
+  signature or body does not check);
+* classification depends only on the timestamps passed in, never on when :meth:`expire` runs,
+  so a stalled harness cannot create false loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+from chatprobe.histogram import LatencyHistogram
+from chatprobe.stamp import StampCodec
+
+
+class Outcome(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    LATE = "late"
+    LOST = "lost"
+
+
+class Receipt(StrEnum):
+    """What one received text turned out to be."""
+
+    FIRST = "first"
+    DUPLICATE = "duplicate"
+    AFTER_DEADLINE = "after_deadline"
+    FORGED = "forged"
+    FOREIGN = "foreign"
+    UNKNOWN = "unknown"
+    UNSTAMPED = "unstamped"
+
+
+class MessageRecord:
+    """One stamped message and every hop chatprobe saw for it (times in µs, run clock)."""
+
+    __slots__ = (
+        "ack_us",
+        "conversation",
+        "first_receipt_us",
+        "intended_us",
+        "misrouted",
+        "outcome",
+        "receipts",
+        "receiver",
+        "reordered",
+        "sender",
+        "sent_us",
+        "seq",
+        "server_id",
+    )
+
+    def __init__(self, sender: str, conversation: str, seq: int, intended_us: int,
+                 sent_us: int) -> None:
+        self.sender = sender
+        self.conversation = conversation
+        self.seq = seq
+        self.intended_us = intended_us
+        self.sent_us = sent_us
+        self.ack_us: int | None = None
+        self.server_id: str | None = None
+        self.first_receipt_us: int | None = None
+        self.receiver: str | None = None
+        self.receipts = 0
+        self.outcome = Outcome.PENDING
+        self.reordered = False
+        self.misrouted = False
+
+    @property
+    def latency_us(self) -> int | None:
+        if self.first_receipt_us is None:
+            return None
+        return self.first_receipt_us - self.intended_us
+
+    def as_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass
+class LedgerCounts:
+    sent: int = 0
+    delivered: int = 0
+    late: int = 0
+    lost: int = 0
+    pending: int = 0
+    duplicate: int = 0
+    reordered: int = 0
+    misrouted: int = 0
+    forged: int = 0
+    foreign: int = 0
+    unknown: int = 0
+    received_after_deadline: int = 0
+
+    def merge(self, other: LedgerCounts) -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)
+
+    @property
+    def availability(self) -> float | None:
+        """delivered-within-SLA / closed messages (lost and late count against it)."""
+        closed = self.delivered + self.late + self.lost
+        return self.delivered / closed if closed else None
+
+
+class Ledger:
+    """Classifies stamped messages of one run. Not thread-safe: one owner, or merge counts."""
+
+    def __init__(self, codec: StampCodec, sla_us: int, deadline_us: int) -> None:
+        if sla_us <= 0 or deadline_us < sla_us:
+            raise ValueError("need 0 < sla <= deadline")
+        self.codec = codec
+        self.sla_us = sla_us
+        self.deadline_us = deadline_us
+        self.counts = LedgerCounts()
+        self.latency = LatencyHistogram()
+        self._pending: dict[tuple[str, int], MessageRecord] = {}
+        self._closed: dict[tuple[str, int], MessageRecord] = {}
+        self._next_seq: dict[str, int] = {}
+        self._max_seq_received: dict[str, int] = {}
+        self._expected: dict[str, frozenset[str]] = {}
+        self.lost_records: list[MessageRecord] = []
+        self.late_records: list[MessageRecord] = []
+
+    # -- sending -----------------------------------------------------------------------
+
+    def expect_receivers(self, conversation: str, receivers: Iterable[str] | None) -> None:
+        """Receipts of this conversation by anyone outside ``receivers`` are misrouted."""
+        if receivers is None:
+            self._expected.pop(conversation, None)
+        else:
+            self._expected[conversation] = frozenset(receivers)
+
+    def stamp_and_record(self, body: str, sender: str, conversation: str, intended_us: int,
+                         sent_us: int) -> tuple[str, MessageRecord]:
+        """Stamp ``body`` with the conversation's next sequence number and record the send."""
+        seq = self._next_seq.get(conversation, 0) + 1
+        self._next_seq[conversation] = seq
+        text = self.codec.stamp_text(body, sender, conversation, seq, intended_us)
+        record = MessageRecord(sender, conversation, seq, intended_us, sent_us)
+        self._pending[(conversation, seq)] = record
+        self.counts.sent += 1
+        self.counts.pending += 1
+        return text, record
+
+    @staticmethod
+    def record_ack(record: MessageRecord, server_id: str, ack_us: int) -> None:
+        """The target accepted the message and gave it an id (the first hop)."""
+        record.server_id = server_id
+        record.ack_us = ack_us
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def record_received(self, text: str, receiver: str, received_us: int) -> Receipt:
+        """Match a received text against the ledger and classify it."""
+        stamp = self.codec.parse(text)
+        counts = self.counts
+        if stamp is None:
+            return Receipt.UNSTAMPED
+        if stamp.foreign:
+            counts.foreign += 1
+            return Receipt.FOREIGN
+        if not stamp.valid:
+            counts.forged += 1
+            return Receipt.FORGED
+        key = (stamp.conversation, stamp.seq)
+        record = self._pending.pop(key, None)
+        if record is None:
+            closed = self._closed.get(key)
+            if closed is None:
+                counts.unknown += 1
+                return Receipt.UNKNOWN
+            closed.receipts += 1
+            if closed.first_receipt_us is None:
+                # Arrived after it was declared lost: it stays lost, but we say so.
+                closed.first_receipt_us = received_us
+                closed.receiver = receiver
+                counts.received_after_deadline += 1
+                return Receipt.AFTER_DEADLINE
+            counts.duplicate += 1
+            return Receipt.DUPLICATE
+        counts.pending -= 1
+        record.receipts = 1
+        record.first_receipt_us = received_us
+        record.receiver = receiver
+        latency = received_us - record.intended_us
+        conversation = stamp.conversation
+        if stamp.seq < self._max_seq_received.get(conversation, 0):
+            record.reordered = True
+            counts.reordered += 1
+        else:
+            self._max_seq_received[conversation] = stamp.seq
+        expected = self._expected.get(conversation)
+        if expected is not None and receiver not in expected:
+            record.misrouted = True
+            counts.misrouted += 1
+        self._closed[key] = record
+        if latency > self.deadline_us:
+            record.outcome = Outcome.LOST
+            counts.lost += 1
+            counts.received_after_deadline += 1
+            self.lost_records.append(record)
+            return Receipt.AFTER_DEADLINE
+        self.latency.record_us(latency)
+        if latency <= self.sla_us:
+            record.outcome = Outcome.DELIVERED
+            counts.delivered += 1
+        else:
+            record.outcome = Outcome.LATE
+            counts.late += 1
+            self.late_records.append(record)
+        return Receipt.FIRST
+
+    # -- closing -----------------------------------------------------------------------
+
+    def expire(self, now_us: int) -> list[MessageRecord]:
+        """Close every pending message whose deadline has passed as lost; return them."""
+        cutoff = now_us - self.deadline_us
+        expired = [r for r in self._pending.values() if r.intended_us < cutoff]
+        for record in expired:
+            del self._pending[(record.conversation, record.seq)]
+            record.outcome = Outcome.LOST
+            self._closed[(record.conversation, record.seq)] = record
+        self.counts.pending -= len(expired)
+        self.counts.lost += len(expired)
+        self.lost_records.extend(expired)
+        return expired
+
+    def forget_closed_before(self, intended_before_us: int) -> None:
+        """Drop closed records (duplicate detection) older than a retention horizon."""
+        stale = [k for k, r in self._closed.items() if r.intended_us < intended_before_us]
+        for key in stale:
+            del self._closed[key]
+
+    def finish(self) -> list[MessageRecord]:
+        """End of run: whatever is still pending is lost. Call after the last deadline."""
+        remaining = list(self._pending.values())
+        for record in remaining:
+            record.outcome = Outcome.LOST
+            self._closed[(record.conversation, record.seq)] = record
+        self._pending.clear()
+        self.counts.pending = 0
+        self.counts.lost += len(remaining)
+        self.lost_records.extend(remaining)
+        return remaining
+
+    @property
+    def pending_count(self) -> int:
+        return self.counts.pending
+
+    def pending_records(self) -> list[MessageRecord]:
+        return list(self._pending.values())
+
+    def latest_deadline_us(self) -> int | None:
+        if not self._pending:
+            return None
+        return max(r.intended_us for r in self._pending.values()) + self.deadline_us

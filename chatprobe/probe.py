@@ -1,0 +1,321 @@
+"""The end-to-end probe: customers send stamped messages, probe agents confirm receipt.
+
+This is an edge module: it owns the event loop, the clock and the adapter's sockets, and feeds
+the pure ledger. One run: log probe agents in, open one conversation per customer, send N
+messages on an open-model schedule (latency counts from the intended send time), wait until
+every message is received or past its deadline, then explain what was lost or late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from chatprobe.config import TargetConfig
+from chatprobe.diagnosis import Cause, Diagnosis, Evidence, diagnose
+from chatprobe.errors import TargetError
+from chatprobe.ledger import Ledger, MessageRecord
+from chatprobe.protocols.base import (
+    Ack,
+    Adapter,
+    AgentSession,
+    Conversation,
+    CustomerSession,
+    adapter_for,
+)
+from chatprobe.stamp import StampCodec
+from chatprobe.verdict import RunSummary
+
+PRODUCTS = ("down jacket", "running shoes", "rice cooker", "phone case", "silk scarf",
+            "coffee beans", "kids' backpack", "bluetooth speaker")
+QUESTIONS = (
+    "Hi, is the {p} still in stock in size {s}?",
+    "When will order {o} ship? I paid for express.",
+    "Can I still get the promotion price on the {p} tonight?",
+    "The {p} I received is the wrong colour, how do I return it? Order {o}.",
+    "Does the {p} come with an invoice? Need it for my company.",
+    "Hello? I asked about order {o} an hour ago and nobody answered.",
+)
+SIZES = ("S", "M", "L", "XL", "38", "39", "42")
+
+
+def customer_body(rng: random.Random) -> str:
+    """A realistic, high-entropy customer message (never hits the demo shop's filters)."""
+    template = rng.choice(QUESTIONS)
+    return template.format(p=rng.choice(PRODUCTS), s=rng.choice(SIZES),
+                           o=f"{rng.randrange(10**11, 10**12)}")
+
+
+@dataclass
+class ProbeOptions:
+    messages: int = 200
+    customers: int = 10
+    rate_per_s: float = 500.0
+    run_id: str | None = None
+    explain_limit: int = 200
+    example_limit: int = 20
+    progress: Callable[[str], None] | None = None
+    progress_every_s: float = 5.0
+
+
+@dataclass
+class ProbeHooks:
+    """Test and integration seams; each runs on the probe's loop."""
+
+    after_open: Callable[[list[Conversation]], Awaitable[None]] | None = None
+    after_send: Callable[[int], Awaitable[None]] | None = None  # called with the count sent
+
+
+def now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+@dataclass
+class _RunState:
+    ledger: Ledger
+    arrived: asyncio.Event
+    events: Counter[str] = field(default_factory=Counter)
+    dead_agents: dict[str, TargetError] = field(default_factory=dict)
+    dead_customers: dict[str, TargetError] = field(default_factory=dict)
+    disconnected: set[str] = field(default_factory=set)
+
+
+async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions,
+                    hooks: ProbeHooks | None = None) -> RunSummary:
+    """Run one probe and return its summary. Raises HarnessError only for harness faults."""
+    hooks = hooks or ProbeHooks()
+    codec = StampCodec.new_run(options.run_id)
+    ledger = Ledger(codec, int(config.sla_ms * 1000), int(config.deadline_ms * 1000))
+    state = _RunState(ledger, asyncio.Event())
+    summary = RunSummary(codec.run, target_url, ledger.counts, ledger.latency, config.sla_ms,
+                         config.deadline_ms, events=state.events)
+    started = time.monotonic()
+    adapter = adapter_for(config.protocol)(target_url, config)
+    agents: dict[str, AgentSession] = {}
+    customers: list[CustomerSession] = []
+    try:
+        try:
+            await _login_agents(adapter, config, state, agents)
+            conversations = await _open_customers(adapter, config, options, state, customers)
+        except TargetError as exc:
+            summary.fatal = exc.diagnosis
+            return summary
+        probe_agents = frozenset(agents)
+        for i in range(len(customers)):
+            ledger.expect_receivers(f"c{i}", probe_agents)
+        if hooks.after_open is not None:
+            await hooks.after_open(conversations)
+        await _send_all(options, customers, conversations, state, hooks)
+        await _wait_for_outcomes(state, agents, options)
+        ledger.finish()
+        await _explain(adapter, config, options, state, agents, conversations, summary)
+    finally:
+        for agent_session in agents.values():
+            await agent_session.close()
+        for customer_session in customers:
+            await customer_session.close()
+        await adapter.close()
+        summary.duration_s = time.monotonic() - started
+    return summary
+
+
+async def _login_agents(adapter: Adapter, config: TargetConfig, state: _RunState,
+                        agents: dict[str, AgentSession]) -> None:
+    ledger = state.ledger
+
+    for credential in config.agents:
+        agent_id = credential.id
+
+        def on_receive(text: str, server_id: str | None, agent_id: str = agent_id) -> None:
+            ledger.record_received(text, agent_id, now_us())
+            state.arrived.set()
+
+        def on_event(kind: str, detail: str, agent_id: str = agent_id) -> None:
+            state.events[f"agent {kind}"] += 1
+            if kind == "disconnected":
+                state.disconnected.add(agent_id)
+            state.arrived.set()
+
+        agents[agent_id] = await adapter.login_agent(credential, on_receive, on_event)
+
+
+async def _open_customers(adapter: Adapter, config: TargetConfig, options: ProbeOptions,
+                          state: _RunState, customers: list[CustomerSession]
+                          ) -> list[Conversation]:
+    ledger = state.ledger
+    run = ledger.codec.run
+
+    def make_callbacks(name: str) -> tuple[Callable[[str, str | None], None],
+                                           Callable[[str, str], None]]:
+        def on_receive(text: str, server_id: str | None) -> None:
+            # A customer receiving a customer's stamp would be misrouted; replies are unstamped.
+            ledger.record_received(text, f"customer:{name}", now_us())
+            state.arrived.set()
+
+        def on_event(kind: str, detail: str) -> None:
+            state.events[f"customer {kind}"] += 1
+            if kind == "disconnected":
+                state.disconnected.add(name)
+
+        return on_receive, on_event
+
+    async def open_one(i: int) -> Conversation:
+        name = f"c{i}"
+        on_receive, on_event = make_callbacks(name)
+        session = await adapter.connect_customer(f"probe-{run}-{name}", on_receive, on_event)
+        customers.append(session)
+        channel = config.channels[i % len(config.channels)]
+        try:
+            async with asyncio.timeout(config.connect_timeout_s):
+                return await session.open_conversation(f"{run}-{name}", channel)
+        except TimeoutError:
+            raise TargetError(Cause.PROTOCOL, "no reply to opening a conversation") from None
+
+    # Opening in order keeps customer i <-> conversation i; small batches keep it quick.
+    conversations: list[Conversation] = []
+    for i in range(options.customers):
+        conversations.append(await open_one(i))
+    for conv in conversations:
+        state.events[f"conversation {conv.state}"] += 1
+    return conversations
+
+
+async def _send_all(options: ProbeOptions, customers: list[CustomerSession],
+                    conversations: list[Conversation], state: _RunState,
+                    hooks: ProbeHooks) -> None:
+    ledger = state.ledger
+    rng = random.Random()
+    interval_us = int(1_000_000 / options.rate_per_s) if options.rate_per_s > 0 else 0
+    start = now_us()
+    run = ledger.codec.run
+    last_progress = time.monotonic()
+
+    def on_ack(record: MessageRecord) -> Callable[[asyncio.Future[Ack]], None]:
+        def done(future: asyncio.Future[Ack]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                state.events["send failed"] += 1
+                return
+            ledger.record_ack(record, future.result().server_id, now_us())
+        return done
+
+    for j in range(options.messages):
+        i = j % len(customers)
+        intended = start + j * interval_us
+        wait_us = intended - now_us()
+        if wait_us > 0:
+            await asyncio.sleep(wait_us / 1e6)
+        name = f"c{i}"
+        if name in state.dead_customers:
+            continue
+        text, record = ledger.stamp_and_record(customer_body(rng), name, name, intended,
+                                               now_us())
+        try:
+            future = await customers[i].send(conversations[i].id,
+                                              f"{run}-{name}-{record.seq}", text)
+        except TargetError as exc:
+            state.dead_customers[name] = exc
+            state.events["customer dead"] += 1
+            continue
+        future.add_done_callback(on_ack(record))
+        if hooks.after_send is not None:
+            await hooks.after_send(j + 1)
+        if options.progress and time.monotonic() - last_progress >= options.progress_every_s:
+            last_progress = time.monotonic()
+            counts = ledger.counts
+            options.progress(f"sent {counts.sent}/{options.messages}, delivered "
+                             f"{counts.delivered}, late {counts.late}, pending {counts.pending}")
+
+
+async def _wait_for_outcomes(state: _RunState, agents: dict[str, AgentSession],
+                             options: ProbeOptions) -> None:
+    """Wait for every message to arrive or pass its deadline (event-driven, bounded)."""
+    ledger = state.ledger
+    last_progress = time.monotonic()
+    while True:
+        ledger.expire(now_us())
+        if ledger.pending_count == 0:
+            return
+        if agents and all(a.failure is not None for a in agents.values()):
+            return  # no probe agent can receive any more: the rest is lost now
+        latest = ledger.latest_deadline_us()
+        remaining_s = max(0.0, ((latest or now_us()) - now_us()) / 1e6)
+        state.arrived.clear()
+        try:
+            async with asyncio.timeout(min(0.25, remaining_s + 0.001)):
+                await state.arrived.wait()
+        except TimeoutError:
+            pass
+        if options.progress and time.monotonic() - last_progress >= options.progress_every_s:
+            last_progress = time.monotonic()
+            options.progress(f"waiting for {ledger.pending_count} messages "
+                             f"(deadline in {remaining_s:.1f} s)")
+
+
+async def _explain(adapter: Adapter, config: TargetConfig, options: ProbeOptions,
+                   state: _RunState, agents: dict[str, AgentSession],
+                   conversations: list[Conversation], summary: RunSummary) -> None:
+    ledger = state.ledger
+    probe_agents = frozenset(agents)
+    profiles = tuple(a.profile for a in agents.values())
+    dead_cause = next((a.failure for a in agents.values() if a.failure is not None), None)
+    by_name = {f"c{i}": conv for i, conv in enumerate(conversations)}
+    to_explain = [("lost", r) for r in ledger.lost_records] + [
+        ("late", r) for r in ledger.late_records]
+    for index, (outcome, record) in enumerate(to_explain):
+        conv = by_name.get(record.conversation)
+        platform_cause: Cause | None = None
+        detail = ""
+        hops: dict[str, object] = {}
+        if dead_cause is not None and outcome == "lost":
+            platform_cause, detail = dead_cause.cause, dead_cause.detail
+        elif record.server_id is not None and index < options.explain_limit:
+            explanation = await adapter.explain(record.server_id, probe_agents)
+            if explanation is not None:
+                platform_cause, detail, hops = (explanation.cause, explanation.detail,
+                                                dict(explanation.hops))
+                if (platform_cause is Cause.ROUTING_RULE and conv is not None
+                        and conv.agent in probe_agents):
+                    platform_cause = Cause.CONVERSATION_TRANSFERRED
+        if platform_cause is None and conv is not None and conv.state == "closed":
+            platform_cause = Cause.CONVERSATION_CLOSED
+        evidence = Evidence(
+            acked=record.server_id is not None,
+            channel=_channel_of(config, record.conversation),
+            platform_cause=platform_cause,
+            platform_detail=detail,
+            connection_lost=record.conversation in state.disconnected or bool(
+                state.disconnected & probe_agents),
+            agents=profiles,
+            delivered_late=outcome == "late",
+        )
+        diagnosis = diagnose(evidence)
+        if outcome == "late" and diagnosis.cause is Cause.UNEXPLAINED:
+            diagnosis = Diagnosis(Cause.SLOW)
+        summary.diagnoses.append((outcome, diagnosis))
+        if len(summary.examples) < options.example_limit:
+            summary.examples.append({
+                "outcome": outcome, "cause": diagnosis.cause.value,
+                "conversation": record.conversation, "seq": record.seq,
+                "server_id": record.server_id,
+                "latency_ms": None if record.latency_us is None else record.latency_us / 1000,
+                "acked_after_ms": None if record.ack_us is None
+                else (record.ack_us - record.intended_us) / 1000,
+                "receiver": record.receiver, "platform": hops,
+            })
+
+
+def _channel_of(config: TargetConfig, conversation: str) -> str:
+    try:
+        index = int(conversation[1:])
+    except ValueError:
+        return ""
+    return config.channels[index % len(config.channels)]
+
+
+def print_progress(line: str) -> None:
+    print(f"chatprobe: {line}", file=sys.stderr, flush=True)

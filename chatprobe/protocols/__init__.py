@@ -1,0 +1,1 @@
+"""Chat protocol adapters: the interface (base.py) and its implementations."""

@@ -1,0 +1,129 @@
+"""The protocol adapter interface: what chatprobe needs from a chat platform, both sides.
+
+To point chatprobe at your own platform, subclass :class:`Adapter` (see docs/adapters.md) and
+register it with :func:`register`. The core never sees sockets or server names: adapters turn
+frames into calls of the ``on_receive`` callback and platform reasons into :class:`Cause`.
+
+Contract:
+
+* ``on_receive(text, server_id)`` is called once per message frame the client got, in arrival
+  order, from the event loop thread. It must not block; the probe timestamps it.
+* ``send`` returns once the frame is written; its ack arrives through the returned future,
+  which fails with :class:`TargetError` if the connection is lost for good.
+* Sessions reconnect by themselves (within the target's ``reconnect_window_s``) and resume
+  from the last message they saw; unacked sends are resent with the same client id so the
+  platform can deduplicate them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from chatprobe.config import AgentCredential, TargetConfig
+from chatprobe.diagnosis import AgentSelf, Cause
+from chatprobe.errors import HarnessError, TargetError
+
+OnReceive = Callable[[str, str | None], None]
+OnEvent = Callable[[str, str], None]  # (event kind, detail): "disconnected", "resumed", ...
+
+
+@dataclass(frozen=True)
+class Ack:
+    server_id: str
+    server_ts: float | None
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    state: str  # "assigned", "queued", "closed", or "open" when the platform does not say
+    agent: str | None = None
+
+
+class CustomerSession(ABC):
+    @property
+    @abstractmethod
+    def failure(self) -> TargetError | None:
+        """Why this session is gone for good (after reconnects failed); None while alive."""
+
+    @abstractmethod
+    async def open_conversation(self, ref: str, channel: str) -> Conversation: ...
+
+    @abstractmethod
+    async def send(self, conversation: str, client_msg_id: str,
+                   text: str) -> asyncio.Future[Ack]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class AgentSession(ABC):
+    profile: AgentSelf
+
+    @property
+    @abstractmethod
+    def failure(self) -> TargetError | None:
+        """Why this session is gone for good (after reconnects failed); None while alive."""
+
+    @abstractmethod
+    async def reply(self, conversation: str, client_msg_id: str,
+                    text: str) -> asyncio.Future[Ack]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The platform's own account of a message (its push log), mapped to a cause."""
+
+    cause: Cause | None
+    detail: str
+    hops: dict[str, float | str | None]
+
+
+class Adapter(ABC):
+    """One chat platform. Created per run with the target URL and its config."""
+
+    name = "abstract"
+
+    def __init__(self, target_url: str, config: TargetConfig) -> None:
+        self.target_url = target_url
+        self.config = config
+
+    @abstractmethod
+    async def connect_customer(self, customer_id: str, on_receive: OnReceive,
+                               on_event: OnEvent) -> CustomerSession: ...
+
+    @abstractmethod
+    async def login_agent(self, credential: AgentCredential, on_receive: OnReceive,
+                          on_event: OnEvent) -> AgentSession: ...
+
+    async def explain(self, server_id: str, probe_agents: frozenset[str]) -> Explanation | None:
+        """Ask the platform where a message went; None when the platform cannot tell."""
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release shared resources (HTTP clients)."""
+
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def adapter_for(protocol: str) -> type[Adapter]:
+    # Import the built-in adapters so they register themselves.
+    from chatprobe.protocols import reference  # noqa: F401
+
+    try:
+        return _REGISTRY[protocol]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise HarnessError(f"unknown protocol {protocol!r} (known: {known})") from None

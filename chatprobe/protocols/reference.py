@@ -1,0 +1,399 @@
+"""Adapter for the reference chat protocol (docs/protocol.md) over `websockets` (asyncio).
+
+Both sides share :class:`_Link`: one WebSocket with hello/welcome, a reader task, and
+reconnect-with-resume. Unacked sends are resent after a reconnect with the same client id;
+the service deduplicates them, so a reconnect creates neither loss nor duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from chatprobe.config import AgentCredential, TargetConfig
+from chatprobe.diagnosis import AgentSelf, Cause
+from chatprobe.errors import HarnessError, TargetError
+from chatprobe.protocols import wire
+from chatprobe.protocols.base import (
+    Ack,
+    Adapter,
+    AgentSession,
+    Conversation,
+    CustomerSession,
+    Explanation,
+    OnEvent,
+    OnReceive,
+    register,
+)
+
+LOGIN_ERRORS = {
+    wire.ERR_AUTH_FAILED: Cause.AUTH_REJECTED,
+    wire.ERR_SESSION_EXPIRED: Cause.SESSION_EXPIRED,
+    wire.ERR_ACCOUNT_FROZEN: Cause.ACCOUNT_FROZEN,
+    wire.ERR_UNKNOWN_SHOP: Cause.AUTH_REJECTED,
+}
+
+# The reference service's trace words -> causes (its queue reasons and message statuses).
+QUEUE_REASONS = {
+    "no_receive_permission": Cause.RECEIVE_PERMISSION,
+    "role_read_only": Cause.WRONG_ROLE,
+    "channel_not_permitted": Cause.CHANNEL_PERMISSION,
+    "outside_business_hours": Cause.BUSINESS_HOURS,
+    "presence_away": Cause.PRESENCE,
+    "presence_offline": Cause.PRESENCE,
+    "capacity_full": Cause.CAPACITY,
+    "routing_rule": Cause.ROUTING_RULE,
+    "skill_group_mismatch": Cause.ROUTING_RULE,
+    "account_frozen": Cause.ACCOUNT_FROZEN,
+    "account_banned": Cause.ACCOUNT_FROZEN,
+    "not_connected": Cause.DISCONNECTED,
+}
+STATUSES = {
+    "filtered": Cause.FILTERED,
+    "push_disabled": Cause.PUSH_DISABLED,
+    "dropped": Cause.PUSH_LOST,
+    "paused": Cause.PUSH_STALLED,
+    "client_too_old": Cause.CLIENT_VERSION,
+    "conversation_closed": Cause.CONVERSATION_CLOSED,
+    "agent_not_connected": Cause.DISCONNECTED,
+}
+
+
+def websocket_url(target_url: str) -> str:
+    """http://host:port[/prefix] -> ws://host:port[/prefix]/ws; ws:// URLs are taken as is."""
+    parts = urlsplit(target_url)
+    if parts.scheme in ("ws", "wss"):
+        return target_url
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", "", ""))
+
+
+class _Link:
+    """One logical client connection that survives reconnects."""
+
+    def __init__(self, adapter: ReferenceAdapter, hello: wire.Frame,
+                 on_frame: Callable[[wire.Frame], None], on_event: OnEvent) -> None:
+        self.adapter = adapter
+        self.hello = hello
+        self.on_frame = on_frame
+        self.on_event = on_event
+        self.ws: ClientConnection | None = None
+        self.welcome: wire.Frame = {}
+        self.last_id: int | None = None
+        self.unacked: dict[str, wire.Frame] = {}
+        self.ack_futures: dict[str, asyncio.Future[Ack]] = {}
+        self.waiters: dict[tuple[str, str], asyncio.Future[wire.Frame]] = {}
+        self.dead: TargetError | None = None
+        self.closing = False
+        self.reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._connect(resume=False)
+        self.reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def _connect(self, resume: bool) -> None:
+        config = self.adapter.config
+        hello = dict(self.hello)
+        if resume and self.last_id is not None:
+            hello["resume_after"] = self.last_id
+        try:
+            ws = await connect(self.adapter.ws_url, open_timeout=config.connect_timeout_s,
+                               compression=None, max_size=1 << 20, ping_interval=10,
+                               ping_timeout=10, close_timeout=2)
+        except InvalidURI as exc:
+            raise HarnessError(f"malformed target URL: {exc}") from None
+        except InvalidStatus as exc:
+            raise TargetError(Cause.TRANSPORT, f"WebSocket upgrade refused: HTTP "
+                                               f"{exc.response.status_code}") from None
+        except InvalidHandshake as exc:
+            raise TargetError(Cause.PROTOCOL, f"WebSocket handshake failed: {exc}") from None
+        except (OSError, TimeoutError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+                str(exc) or type(exc).__name__)
+            raise TargetError(Cause.TRANSPORT, f"{self.adapter.ws_url}: {detail}") from None
+        try:
+            await ws.send(wire.encode(hello))
+            async with asyncio.timeout(config.connect_timeout_s):
+                raw = await ws.recv()
+            frame = wire.decode(raw)
+        except wire.ProtocolError as exc:
+            await ws.close()
+            raise TargetError(Cause.PROTOCOL, f"reply to hello: {exc}") from None
+        except (ConnectionClosed, TimeoutError, OSError):
+            await ws.close()
+            raise TargetError(Cause.TRANSPORT, "connection closed before the welcome") from None
+        if frame["type"] == "error":
+            await ws.close()
+            code = str(frame.get("code"))
+            cause = LOGIN_ERRORS.get(code, Cause.AUTH_REJECTED)
+            raise TargetError(cause, f"login refused: {code} ({frame.get('message', '')})")
+        if frame["type"] != "welcome":
+            await ws.close()
+            raise TargetError(Cause.PROTOCOL, f"expected welcome, got {frame['type']!r}")
+        self.ws = ws
+        self.welcome = frame
+        # Resend what the service may never have received; it deduplicates by client id.
+        for pending in list(self.unacked.values()):
+            await ws.send(wire.encode(pending))
+
+    async def _read_forever(self) -> None:
+        while not self.closing:
+            ws = self.ws
+            assert ws is not None
+            try:
+                async for raw in ws:
+                    try:
+                        frame = wire.decode(raw)
+                    except wire.ProtocolError as exc:
+                        self._die(TargetError(Cause.PROTOCOL, f"bad frame from target: {exc}"))
+                        await ws.close()
+                        return
+                    self._dispatch(frame)
+            except ConnectionClosed:
+                pass
+            if self.closing or self.dead is not None:
+                return
+            self.on_event("disconnected", "connection closed by the target or network")
+            if not await self._reconnect():
+                return
+
+    async def _reconnect(self) -> bool:
+        window = self.adapter.config.reconnect_window_s
+        give_up_at = time.monotonic() + window
+        delay = 0.05
+        last_error: TargetError | None = None
+        while time.monotonic() < give_up_at and not self.closing:
+            try:
+                await self._connect(resume=True)
+            except TargetError as exc:
+                last_error = exc
+                if exc.cause in (Cause.AUTH_REJECTED, Cause.SESSION_EXPIRED,
+                                 Cause.ACCOUNT_FROZEN, Cause.PROTOCOL):
+                    break  # permanent: retrying will not help
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self.on_event("resumed", f"resumed after id {self.last_id}")
+            return True
+        self._die(last_error or TargetError(Cause.DISCONNECTED, "gave up reconnecting"))
+        return False
+
+    def _die(self, error: TargetError) -> None:
+        if self.dead is None:
+            self.dead = error
+            self.on_event("dead", str(error))
+        for future in list(self.ack_futures.values()) + list(self.waiters.values()):
+            if not future.done():
+                future.set_exception(error)
+        self.ack_futures.clear()
+        self.waiters.clear()
+
+    def _dispatch(self, frame: wire.Frame) -> None:
+        kind = frame["type"]
+        if kind == "ack":
+            key = str(frame.get("client_msg_id"))
+            self.unacked.pop(key, None)
+            future = self.ack_futures.pop(key, None)
+            if future is not None and not future.done():
+                future.set_result(Ack(str(frame.get("id")), frame.get("ts")))
+            return
+        if kind == "message":
+            message_id = frame.get("id")
+            if isinstance(message_id, int) and (self.last_id is None
+                                                or message_id > self.last_id):
+                self.last_id = message_id
+        elif kind == "error":
+            code = str(frame.get("code"))
+            if code in LOGIN_ERRORS:
+                self._die(TargetError(LOGIN_ERRORS[code], f"session ended by target: {code}"))
+                return
+            self.on_event("error", f"{code}: {frame.get('message', '')}")
+        waiter = self.waiters.pop((kind, str(frame.get("ref", ""))), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(frame)
+            return
+        self.on_frame(frame)
+
+    async def request(self, frame: wire.Frame, reply_type: str, ref: str) -> wire.Frame:
+        future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
+        self.waiters[(reply_type, ref)] = future
+        await self.write(frame)
+        async with asyncio.timeout(self.adapter.config.connect_timeout_s):
+            return await future
+
+    async def send_acked(self, frame: wire.Frame, client_msg_id: str) -> asyncio.Future[Ack]:
+        future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        if self.dead is not None:
+            future.set_exception(self.dead)
+            return future
+        self.ack_futures[client_msg_id] = future
+        self.unacked[client_msg_id] = frame
+        with contextlib.suppress(ConnectionClosed):
+            # While disconnected the frame waits in `unacked` and goes out on resume.
+            await self.write(frame)
+        return future
+
+    async def write(self, frame: wire.Frame) -> None:
+        if self.dead is not None:
+            raise self.dead
+        ws = self.ws
+        assert ws is not None
+        await ws.send(wire.encode(frame))
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.ws is not None:
+            await self.ws.close()
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+
+
+class _ReferenceCustomer(CustomerSession):
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+
+    @property
+    def failure(self) -> TargetError | None:
+        return self.link.dead
+
+    async def open_conversation(self, ref: str, channel: str) -> Conversation:
+        frame = await self.link.request({"type": "open", "ref": ref, "channel": channel},
+                                        "opened", ref)
+        agent = frame.get("agent")
+        return Conversation(str(frame.get("conversation")), str(frame.get("state")),
+                            agent if isinstance(agent, str) else None)
+
+    async def send(self, conversation: str, client_msg_id: str,
+                   text: str) -> asyncio.Future[Ack]:
+        frame = {"type": "send", "conversation": int(conversation),
+                 "client_msg_id": client_msg_id, "text": text}
+        return await self.link.send_acked(frame, client_msg_id)
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+class _ReferenceAgent(AgentSession):
+    def __init__(self, link: _Link, profile: AgentSelf) -> None:
+        self.link = link
+        self.profile = profile
+
+    @property
+    def failure(self) -> TargetError | None:
+        return self.link.dead
+
+    async def reply(self, conversation: str, client_msg_id: str,
+                    text: str) -> asyncio.Future[Ack]:
+        frame = {"type": "reply", "conversation": int(conversation),
+                 "client_msg_id": client_msg_id, "text": text}
+        return await self.link.send_acked(frame, client_msg_id)
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+def _message_receiver(on_receive: OnReceive) -> Callable[[wire.Frame], None]:
+    def on_frame(frame: wire.Frame) -> None:
+        if frame["type"] == "message":
+            text = frame.get("text")
+            if isinstance(text, str):
+                on_receive(text, str(frame.get("id")))
+    return on_frame
+
+
+@register
+class ReferenceAdapter(Adapter):
+    name = "reference"
+
+    def __init__(self, target_url: str, config: TargetConfig) -> None:
+        super().__init__(target_url, config)
+        self.ws_url = websocket_url(target_url)
+        parts = urlsplit(target_url)
+        self.http_base = urlunsplit(("https" if parts.scheme in ("https", "wss") else "http",
+                                     parts.netloc, parts.path.rstrip("/"), "", ""))
+        self._http: aiohttp.ClientSession | None = None
+
+    async def connect_customer(self, customer_id: str, on_receive: OnReceive,
+                               on_event: OnEvent) -> CustomerSession:
+        hello = {"type": "hello", "role": "customer", "shop": self.config.shop,
+                 "customer": customer_id, "client_version": self.config.client_version}
+        link = _Link(self, hello, _message_receiver(on_receive), on_event)
+        await link.start()
+        return _ReferenceCustomer(link)
+
+    async def login_agent(self, credential: AgentCredential, on_receive: OnReceive,
+                          on_event: OnEvent) -> AgentSession:
+        hello = {"type": "hello", "role": "agent", "shop": self.config.shop,
+                 "agent": credential.id, "token": credential.token,
+                 "client_version": self.config.client_version}
+        link = _Link(self, hello, _message_receiver(on_receive), on_event)
+        await link.start()
+        profile: dict[str, Any] = link.welcome.get("profile") or {}
+        if not isinstance(profile, dict):
+            raise TargetError(Cause.PROTOCOL, "welcome 'profile' is not an object")
+        return _ReferenceAgent(link, AgentSelf(
+            agent=credential.id,
+            role=str(profile.get("role", "customer_service")),
+            receive_messages=bool(profile.get("receive_messages", True)),
+            channels=frozenset(profile.get("channels") or ()),
+            presence=str(profile.get("presence", "online")),
+            within_hours=bool(profile.get("within_hours", True)),
+            client_supported=bool(link.welcome.get("client_supported", True)),
+        ))
+
+    async def explain(self, server_id: str, probe_agents: frozenset[str]) -> Explanation | None:
+        token = self.config.admin_token
+        if not token:
+            return None
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            async with self._http.get(f"{self.http_base}/admin/messages/{server_id}",
+                                      headers={"Authorization": f"Bearer {token}"}) as response:
+                if response.status != 200:
+                    return None
+                trace = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        if not isinstance(trace, dict):
+            return None
+        return explain_trace(trace, probe_agents)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+
+def explain_trace(trace: dict[str, Any], probe_agents: frozenset[str]) -> Explanation:
+    """Map the reference service's message trace to a cause (pure)."""
+    status = str(trace.get("status"))
+    hops: dict[str, float | str | None] = {
+        "status": status, "accepted_ts": trace.get("accepted_ts"),
+        "pushed_ts": trace.get("pushed_ts"), "agent": trace.get("agent")}
+    if status in STATUSES:
+        return Explanation(STATUSES[status], str(trace.get("reason") or status), hops)
+    if status == "queued":
+        reasons = trace.get("queue_reasons") or {}
+        for agent in sorted(probe_agents):
+            reason = reasons.get(agent) if isinstance(reasons, dict) else None
+            if reason in QUEUE_REASONS:
+                return Explanation(QUEUE_REASONS[reason], f"queued; {agent}: {reason}", hops)
+        return Explanation(None, "queued", hops)
+    routed_to = trace.get("conversation_agent") or trace.get("agent")
+    if status in ("assigned", "pushed") and routed_to and routed_to not in probe_agents:
+        return Explanation(Cause.ROUTING_RULE, f"routed to {routed_to}, not a probe agent", hops)
+    return Explanation(None, status, hops)
+
+
+__all__ = ["ReferenceAdapter", "explain_trace", "websocket_url", "websockets"]

@@ -1,0 +1,1 @@
+"""The reference customer-service chat service (see app.py) and its runner."""

@@ -1,0 +1,117 @@
+"""Starting and stopping the reference service: `chatprobe serve` and in-process embedding."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from chatprobe.paths import fixtures_dir, state_dir
+from chatprobe.service.app import ChatService, build_app
+from chatprobe.service.model import ModelError, Shop, shops_from_document
+from chatprobe.service.store import Store
+
+
+class ServiceConfigError(ValueError):
+    """The service cannot start with the given options (one line for the user)."""
+
+
+def default_config_path() -> Path:
+    return fixtures_dir() / "shops" / "demo.yaml"
+
+
+def default_db_path() -> Path:
+    return state_dir() / "reference-service.sqlite3"
+
+
+def load_shops(path: Path) -> dict[str, Shop]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ServiceConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        document: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ServiceConfigError(f"config {path} is not valid YAML/JSON: {first}") from None
+    try:
+        return shops_from_document(document)
+    except ModelError as exc:
+        raise ServiceConfigError(f"config {path}: {exc}") from None
+
+
+@dataclass
+class RunningService:
+    runner: web.AppRunner
+    service: ChatService
+    base_url: str
+    admin_token: str
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_service(host: str = "127.0.0.1", port: int = 8765,
+                        config: Path | None = None, db: Path | str | None = None,
+                        admin_token: str | None = None) -> RunningService:
+    """Start the service on the running loop; port 0 picks a free port."""
+    shops = load_shops(config or default_config_path())
+    db_path = str(db) if db is not None else str(default_db_path())
+    if db_path != ":memory:":
+        try:
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServiceConfigError(f"cannot create the folder for --db {db_path}: "
+                                     f"{exc.strerror}") from None
+    try:
+        store = Store(db_path)
+    except Exception as exc:  # sqlite3 raises several kinds for a bad path or file
+        raise ServiceConfigError(f"cannot open database {db_path}: {exc}") from None
+    token = admin_token or secrets.token_urlsafe(18)
+    service = ChatService(shops, store, token)
+    runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ServiceConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    bound_port = sockets[0].getsockname()[1] if sockets else port
+    shown_host = f"[{host}]" if ":" in host else host
+    return RunningService(runner, service, f"http://{shown_host}:{bound_port}", token)
+
+
+def serve(host: str, port: int, config: Path | None, db: str | None,
+          admin_token: str | None) -> int:
+    """Run until SIGINT/SIGTERM. Prints the base URL (and a generated admin token)."""
+
+    async def main() -> None:
+        running = await start_service(host, port, config, db, admin_token)
+        print(f"chatprobe reference service listening on {running.base_url}", flush=True)
+        print(f"  websocket: {running.base_url.replace('http', 'ws', 1)}/ws", flush=True)
+        if admin_token is None:
+            print(f"  admin token (generated): {running.admin_token}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await running.stop()
+
+    try:
+        asyncio.run(main())
+    except ServiceConfigError as exc:
+        print(f"chatprobe serve: {exc}", file=sys.stderr)
+        return 3
+    return 0

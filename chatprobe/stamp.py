@@ -1,0 +1,118 @@
+"""Stamps: the signed marker chatprobe embeds in a message so a receipt can be matched to its send.
+
+Pure code, no I/O. A stamp is plain ASCII appended to the message text, so it survives
+platforms that only pass text through::
+
+    <body> [cp:<run>:<sender>:<conversation>:<seq>:<intended_us base36>:<signature>]
+
+The signature is a keyed BLAKE2b (per-run secret) over the stamp fields *and* the body, so a
+receiver can tell a genuine message from a corrupted or forged one. ``intended_us`` is the
+intended send time in microseconds on the sender's clock (monotonic on one host).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from typing import NamedTuple
+
+STAMP_OPEN = "[cp:"
+STAMP_CLOSE = "]"
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SIG_BYTES = 6  # 48 bits: forging by chance is ~1 in 2.8e14 per attempt
+
+
+class StampError(ValueError):
+    """A stamp could not be made from the given fields."""
+
+
+def _b36(value: int) -> str:
+    if value < 0:
+        raise StampError(f"stamp times must be non-negative, got {value}")
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    if value == 0:
+        return "0"
+    out = []
+    while value:
+        value, rem = divmod(value, 36)
+        out.append(digits[rem])
+    return "".join(reversed(out))
+
+
+class ParsedStamp(NamedTuple):
+    """What a receiver learns from a stamped text. ``valid`` is False when the signature or
+    body does not check (corrupted or forged); ``foreign`` is True when it belongs to another
+    run (another chatprobe instance on the same target)."""
+
+    run: str
+    sender: str
+    conversation: str
+    seq: int
+    intended_us: int
+    valid: bool
+    foreign: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StampCodec:
+    """Makes and reads stamps of one run. Thread-safe (immutable)."""
+
+    run: str
+    secret: bytes
+
+    @classmethod
+    def new_run(cls, run: str | None = None) -> StampCodec:
+        return cls(run=run or secrets.token_hex(4), secret=secrets.token_bytes(16))
+
+    def __post_init__(self) -> None:
+        if not _ID_PATTERN.match(self.run) or "." in self.run:
+            raise StampError(f"run id {self.run!r} must be 1-64 of [A-Za-z0-9_-]")
+        if len(self.secret) < 8:
+            raise StampError("stamp secret must be at least 8 bytes")
+
+    def _sign(self, fields: str, body: str) -> str:
+        digest = hashlib.blake2b(
+            (fields + "|" + body).encode(), key=self.secret, digest_size=_SIG_BYTES
+        ).digest()
+        return base64.urlsafe_b64encode(digest).decode()
+
+    def stamp_text(self, body: str, sender: str, conversation: str, seq: int,
+                   intended_us: int) -> str:
+        """Return ``body`` with a signed stamp appended."""
+        if ":" in sender or ":" in conversation or "]" in sender or "]" in conversation:
+            raise StampError("sender and conversation ids must not contain ':' or ']'")
+        fields = f"{self.run}:{sender}:{conversation}:{seq}:{_b36(intended_us)}"
+        prefix = body + " " if body else ""
+        return f"{prefix}{STAMP_OPEN}{fields}:{self._sign(fields, prefix)}{STAMP_CLOSE}"
+
+    def parse(self, text: str) -> ParsedStamp | None:
+        """Find the stamp in ``text``; None when there is none (an ordinary message)."""
+        start = text.rfind(STAMP_OPEN)
+        if start < 0:
+            return None
+        end = text.find(STAMP_CLOSE, start)
+        if end < 0:
+            return None
+        parts = text[start + 4 : end].split(":")
+        if len(parts) != 6:
+            return None
+        run, sender, conversation, seq_text, t_text, signature = parts
+        try:
+            seq = int(seq_text)
+            intended_us = int(t_text, 36)
+        except ValueError:
+            return None
+        if run != self.run:
+            return ParsedStamp(run, sender, conversation, seq, intended_us, False, True)
+        fields = text[start + 4 : end - len(signature) - 1]
+        body = text[:start] + text[end + 1 :]
+        valid = self._sign(fields, body) == signature
+        return ParsedStamp(run, sender, conversation, seq, intended_us, valid, False)
+
+
+def has_stamp(text: str) -> bool:
+    """Cheap check that a text carries a chatprobe stamp (synthetic traffic marker)."""
+    return STAMP_OPEN in text

@@ -1,0 +1,139 @@
+"""Verdicts: from ledger counts, latencies and diagnoses to a status and a summary (pure).
+
+Exit codes follow the monitoring convention (measurement.md): 0 OK, 1 WARNING (late,
+duplicates, reordering, slow p99), 2 CRITICAL (loss, misrouting, forgery, no delivery, a
+broken target), 3 UNKNOWN (the harness could not run).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from chatprobe.diagnosis import Diagnosis
+from chatprobe.histogram import LatencyHistogram
+from chatprobe.ledger import LedgerCounts
+
+
+class Status(IntEnum):
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+    UNKNOWN = 3
+
+
+@dataclass
+class Thresholds:
+    p99_warning_ms: float | None = None
+
+
+@dataclass
+class RunSummary:
+    """Everything a probe run reports; ``to_json`` is the --json document."""
+
+    run: str
+    target: str
+    counts: LedgerCounts
+    latency: LatencyHistogram
+    sla_ms: float
+    deadline_ms: float
+    diagnoses: list[tuple[str, Diagnosis]] = field(default_factory=list)  # (outcome, diag)
+    fatal: Diagnosis | None = None
+    events: Counter[str] = field(default_factory=Counter)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    duration_s: float = 0.0
+    harness_error: str | None = None
+
+    def status(self, thresholds: Thresholds | None = None) -> Status:
+        if self.harness_error is not None:
+            return Status.UNKNOWN
+        counts = self.counts
+        if self.fatal is not None:
+            return Status.CRITICAL
+        if counts.sent and counts.delivered + counts.late == 0:
+            return Status.CRITICAL
+        if counts.lost or counts.misrouted or counts.forged:
+            return Status.CRITICAL
+        if counts.late or counts.duplicate or counts.reordered:
+            return Status.WARNING
+        limit = thresholds.p99_warning_ms if thresholds else None
+        if limit is not None and self.latency.count and (
+                self.latency.percentile_us(99.0) / 1000.0 > limit):
+            return Status.WARNING
+        return Status.OK
+
+    def diagnosis_table(self) -> list[dict[str, Any]]:
+        grouped: Counter[tuple[str, str]] = Counter()
+        details: dict[tuple[str, str], str] = {}
+        for outcome, diagnosis in self.diagnoses:
+            key = (outcome, diagnosis.cause.value)
+            grouped[key] += 1
+            details.setdefault(key, diagnosis.line())
+        rows = [{"outcome": outcome, "cause": cause, "count": count,
+                 "explanation": details[(outcome, cause)]}
+                for (outcome, cause), count in grouped.most_common()]
+        if self.fatal is not None:
+            rows.insert(0, {"outcome": "run", "cause": self.fatal.cause.value, "count": 1,
+                            "explanation": self.fatal.line()})
+        return rows
+
+    def to_json(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
+        counts = self.counts
+        status = self.status(thresholds)
+        return {
+            "run": self.run,
+            "target": self.target,
+            "status": status.name,
+            "exit_code": int(status),
+            "sent": counts.sent,
+            "delivered": counts.delivered,
+            "late": counts.late,
+            "lost": counts.lost,
+            "duplicate": counts.duplicate,
+            "reordered": counts.reordered,
+            "misrouted": counts.misrouted,
+            "forged": counts.forged,
+            "foreign": counts.foreign,
+            "unknown": counts.unknown,
+            "received_after_deadline": counts.received_after_deadline,
+            "availability": counts.availability,
+            "availability_formula": "delivered_within_sla / (delivered + late + lost)",
+            "sla_ms": self.sla_ms,
+            "deadline_ms": self.deadline_ms,
+            "latency_ms": self.latency.summary_ms() | {"count": self.latency.count},
+            "latency_histogram": self.latency.encode(),
+            "diagnoses": self.diagnosis_table(),
+            "events": dict(self.events),
+            "examples": self.examples,
+            "duration_s": round(self.duration_s, 3),
+            "harness_error": self.harness_error,
+        }
+
+
+def render_table(doc: dict[str, Any]) -> str:
+    """The human summary printed at the end of a probe."""
+    lat = doc["latency_ms"]
+    avail = doc["availability"]
+    lines = [
+        f"chatprobe run {doc['run']} against {doc['target']}: {doc['status']}",
+        "",
+        f"  {'sent':<12}{doc['sent']:>8}   {'duplicate':<12}{doc['duplicate']:>8}",
+        f"  {'delivered':<12}{doc['delivered']:>8}   {'reordered':<12}{doc['reordered']:>8}",
+        f"  {'late':<12}{doc['late']:>8}   {'misrouted':<12}{doc['misrouted']:>8}",
+        f"  {'lost':<12}{doc['lost']:>8}   {'forged':<12}{doc['forged']:>8}",
+        f"  availability {('n/a' if avail is None else f'{avail * 100:.3f} %')}"
+        f" (within SLA {doc['sla_ms']:g} ms; lost after {doc['deadline_ms']:g} ms)",
+        f"  latency ms   p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}"
+        f"  p99.9 {lat['p999']:.3f}  max {lat['max']:.3f}  (n={lat['count']})",
+    ]
+    if doc["diagnoses"]:
+        lines.append("")
+        lines.append("  diagnosis:")
+        for row in doc["diagnoses"]:
+            lines.append(f"    {row['outcome']:<9}{row['count']:>6}  {row['explanation']}")
+    if doc["events"]:
+        events = ", ".join(f"{k} {v}" for k, v in sorted(doc["events"].items()))
+        lines.append(f"  connection events: {events}")
+    return "\n".join(lines)
