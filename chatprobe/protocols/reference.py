@@ -381,6 +381,10 @@ def explain_trace(trace: dict[str, Any], probe_agents: frozenset[str]) -> Explan
     hops: dict[str, float | str | None] = {
         "status": status, "accepted_ts": trace.get("accepted_ts"),
         "pushed_ts": trace.get("pushed_ts"), "agent": trace.get("agent")}
+    routed_to = trace.get("conversation_agent") or trace.get("agent")
+    if (status in ("assigned", "pushed", "agent_not_connected") and routed_to
+            and routed_to not in probe_agents):
+        return Explanation(Cause.ROUTING_RULE, f"routed to {routed_to}, not a probe agent", hops)
     if status in STATUSES:
         return Explanation(STATUSES[status], str(trace.get("reason") or status), hops)
     if status == "queued":
@@ -390,9 +394,6 @@ def explain_trace(trace: dict[str, Any], probe_agents: frozenset[str]) -> Explan
             if reason in QUEUE_REASONS:
                 return Explanation(QUEUE_REASONS[reason], f"queued; {agent}: {reason}", hops)
         return Explanation(None, "queued", hops)
-    routed_to = trace.get("conversation_agent") or trace.get("agent")
-    if status in ("assigned", "pushed") and routed_to and routed_to not in probe_agents:
-        return Explanation(Cause.ROUTING_RULE, f"routed to {routed_to}, not a probe agent", hops)
     return Explanation(None, status, hops)
 
 

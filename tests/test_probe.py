@@ -1,0 +1,114 @@
+"""End-to-end probe runs against the real reference service on loopback (issue 2 acceptance).
+
+Measured numbers are checked against the service's own ground-truth counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from chatprobe.probe import ProbeHooks, ProbeOptions, run_probe
+from chatprobe.verdict import RunSummary, Status
+from tests.conftest import ServiceProcess, scaled
+
+
+def probe(service: ServiceProcess, messages: int, customers: int, rate: float = 1000.0,
+          hooks: ProbeHooks | None = None, **config_changes: object) -> RunSummary:
+    config = service.target_config(**config_changes)
+    options = ProbeOptions(messages=messages, customers=customers, rate_per_s=rate)
+    return asyncio.run(asyncio.wait_for(run_probe(service.base_url, config, options, hooks),
+                                        timeout=scaled(120)))
+
+
+def test_clean_run_2000_messages_from_20_customers(reference_service: ServiceProcess) -> None:
+    summary = probe(reference_service, 2000, 20, rate=2000.0)
+    doc = summary.to_json()
+    assert doc["sent"] == 2000
+    assert doc["delivered"] == 2000
+    for key in ("late", "lost", "duplicate", "reordered", "misrouted", "forged", "unknown"):
+        assert doc[key] == 0, key
+    assert doc["availability"] == 1.0
+    assert doc["latency_ms"]["count"] == 2000
+    assert summary.status() is Status.OK
+    stats = reference_service.stats()
+    assert stats["accepted"] == 2000
+    assert stats["pushed"] == 2000
+
+
+def test_loss_duplicates_and_reordering_equal_service_counters(
+        reference_service: ServiceProcess) -> None:
+    reference_service.ok("POST", "/admin/faults",
+                         {"drop": 0.01, "duplicate": 0.005, "reorder": 0.01, "seed": 20261124})
+    summary = probe(reference_service, 2000, 20, rate=1000.0)
+    stats = reference_service.stats()
+    # The faults must really have fired, or equality below proves nothing.
+    assert stats["dropped"] > 5 and stats["duplicated"] > 2 and stats["reordered"] > 5, stats
+    assert summary.counts.lost == stats["dropped"]
+    assert summary.counts.duplicate == stats["duplicated"]
+    assert summary.counts.reordered == stats["reordered"]
+    assert summary.counts.sent == summary.counts.delivered + summary.counts.late + \
+        summary.counts.lost
+    causes = {d.cause.value for outcome, d in summary.diagnoses if outcome == "lost"}
+    assert causes == {"push.lost"}
+    assert summary.status() is Status.CRITICAL
+
+
+def test_injected_push_delay_of_200_ms_measures_p50_between_200_and_210(
+        reference_service: ServiceProcess) -> None:
+    reference_service.ok("POST", "/admin/faults", {"delay_ms": 200})
+    summary = probe(reference_service, 500, 10, rate=500.0)
+    assert summary.counts.delivered == 500
+    p50_ms = summary.latency.percentile_us(50.0) / 1000.0
+    assert 200.0 <= p50_ms <= 210.0, p50_ms
+    assert reference_service.stats()["delayed"] == 500
+
+
+def test_restart_mid_probe_loses_no_acked_message_and_creates_no_false_counts(
+        reference_service: ServiceProcess) -> None:
+    restarted = asyncio.Event()
+
+    async def crash_and_restart(sent: int) -> None:
+        if sent == 1000:
+            reference_service.kill()
+            await asyncio.to_thread(reference_service.start)
+            restarted.set()
+
+    hooks = ProbeHooks(after_send=crash_and_restart)
+    summary = probe(reference_service, 2000, 20, rate=1000.0, hooks=hooks,
+                    sla_ms=10000.0, deadline_ms=20000.0, reconnect_window_s=scaled(30))
+    assert restarted.is_set()
+    counts = summary.counts
+    assert counts.sent == 2000
+    assert counts.lost == 0
+    assert counts.duplicate == 0
+    assert counts.reordered == 0
+    assert counts.delivered + counts.late == 2000
+    assert summary.events["agent resumed"] >= 2
+    # The restarted service holds every message exactly once (client ids deduplicated).
+    rows = _message_count(reference_service)
+    assert rows == 2000
+
+
+def _message_count(service: ServiceProcess) -> int:
+    import sqlite3
+
+    with sqlite3.connect(service.db) as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM messages WHERE direction='in'").fetchone()
+    return int(count)
+
+
+def test_probe_over_several_channels_reports_per_message_outcomes(
+        reference_service: ServiceProcess) -> None:
+    summary = probe(reference_service, 60, 6, channels=("web", "app", "mini_program"))
+    assert summary.counts.delivered == 60
+    assert summary.events["conversation assigned"] == 6
+
+
+def test_probe_result_is_independent_of_other_runs_on_the_same_target(
+        reference_service: ServiceProcess) -> None:
+    first = probe(reference_service, 100, 5)
+    second = probe(reference_service, 100, 5)
+    assert first.run != second.run
+    assert first.counts.delivered == second.counts.delivered == 100
+    assert dataclasses.asdict(second.counts)["foreign"] == 0
