@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from chatprobe.errors import HarnessError
 from chatprobe.verdict import RunSummary, Status, render_table
 
 EXIT_UNKNOWN = 3
+_HOST = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]+)$")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +77,8 @@ def check_target_url(url: str) -> str:
                            "wss")
     if not parts.hostname:
         raise HarnessError(f"malformed target URL {url!r}: no host")
+    if not _HOST.match(parts.hostname):
+        raise HarnessError(f"malformed target URL {url!r}: bad host {parts.hostname!r}")
     if port == 0:
         raise HarnessError(f"malformed target URL {url!r}: port 0")
     return url

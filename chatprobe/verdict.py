@@ -116,6 +116,10 @@ def render_table(doc: dict[str, Any]) -> str:
     """The human summary printed at the end of a probe."""
     lat = doc["latency_ms"]
     avail = doc["availability"]
+    if doc["sent"] == 0 and doc["diagnoses"]:
+        # Nothing was sent: the counters say nothing, the diagnosis says everything.
+        head = f"chatprobe run {doc['run']} against {doc['target']}: {doc['status']}"
+        return "\n".join([head] + [f"  {row['explanation']}" for row in doc["diagnoses"]])
     lines = [
         f"chatprobe run {doc['run']} against {doc['target']}: {doc['status']}",
         "",

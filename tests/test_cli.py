@@ -1,0 +1,203 @@
+"""The `chatprobe` command as a user runs it: exit codes, one-line errors, JSON and Allure output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+from tests.conftest import ROOT, ServiceProcess, scaled
+
+
+def chatprobe(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chatprobe.cli", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=scaled(timeout), stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int,
+                          contains: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert contains in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("url", ["not a url", "ftp://127.0.0.1:1/", "http://:80",
+                                 "http://127.0.0.1:99999", "http://127.0.0.1:0",
+                                 "http://x y:80/"])
+def test_malformed_url_exits_3_with_one_line(url: str) -> None:
+    assert_one_line_error(chatprobe("probe", "--target", url), 3, "malformed target URL")
+
+
+@pytest.mark.parametrize("args", [
+    ["probe"],
+    ["probe", "--target", "http://127.0.0.1:8765", "--messages", "0"],
+    ["probe", "--target", "http://127.0.0.1:8765", "--messages", "many"],
+    ["probe", "--target", "http://127.0.0.1:8765", "--rate", "-5"],
+    ["probe", "--target", "http://127.0.0.1:8765", "--sla-ms", "5000", "--deadline-ms", "10"],
+    ["serve", "--port", "70000"],
+    ["frobnicate"],
+])
+def test_bad_arguments_exit_3_with_one_line(args: list[str]) -> None:
+    result = chatprobe(*args)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("agents: [unclosed", "not valid YAML"),
+    ("protocol: reference\nagents: []\n", "agents"),
+    ("agents:\n  - {id: probe-1}\n", "token"),
+    ("agents:\n  - {id: a, token: t}\nsla_ms: fast\n", "sla_ms"),
+    ("agents:\n  - {id: a, token: t}\nprotocol: carrier-pigeon\n", "unknown protocol"),
+    ("agents:\n  - {id: a, token: t}\ncolour: blue\n", "unknown field"),
+])
+def test_broken_config_exits_3(tmp_path: Path, content: str, message: str) -> None:
+    config = tmp_path / "target.yaml"
+    config.write_text(content)
+    result = chatprobe("probe", "--target", "http://127.0.0.1:9", "--config", str(config))
+    assert_one_line_error(result, 3, message)
+
+
+def test_missing_config_file_exits_3(tmp_path: Path) -> None:
+    result = chatprobe("probe", "--target", "http://127.0.0.1:9", "--config",
+                       str(tmp_path / "nope.yaml"))
+    assert_one_line_error(result, 3, "cannot read config")
+
+
+def test_serve_with_broken_shop_config_exits_3(tmp_path: Path) -> None:
+    config = tmp_path / "shops.yaml"
+    config.write_text("shops:\n  demo:\n    agents:\n      a: {role: boss, token: t}\n")
+    result = chatprobe("serve", "--port", "0", "--config", str(config), "--db", ":memory:")
+    assert_one_line_error(result, 3, "role must be one of")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_target_exits_2_with_transport_diagnosis() -> None:
+    result = chatprobe("probe", "--target", f"http://127.0.0.1:{_free_port()}", "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert "transport.unreachable" in result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_rejected_login_exits_2_with_auth_diagnosis(reference_service: ServiceProcess,
+                                                    tmp_path: Path) -> None:
+    config = tmp_path / "target.yaml"
+    config.write_text("agents:\n  - {id: probe-1, token: stolen-token}\n")
+    result = chatprobe("probe", "--target", reference_service.base_url, "--config",
+                       str(config), "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert "auth.rejected" in result.stdout
+
+
+class GarbageServer:
+    """A WebSocket server on loopback that answers every hello with something broken."""
+
+    def __init__(self, reply: str | bytes) -> None:
+        self.reply = reply
+        self.port = 0
+        self.ready = threading.Event()
+        self.stop: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        try:
+            async for _ in ws:
+                await ws.send(self.reply)
+        except websockets.ConnectionClosed:
+            pass
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.stop = asyncio.Event()
+        async with serve(self._handler, "127.0.0.1", 0) as server:
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            self.ready.set()
+            await self.stop.wait()
+
+    def __enter__(self) -> GarbageServer:
+        self.thread.start()
+        assert self.ready.wait(scaled(10))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.loop is not None and self.stop is not None
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(scaled(10))
+
+
+@pytest.fixture(params=["}{ not json", b"\x00\x01binary", '{"type": "welcome"'])
+def garbage_server(request: pytest.FixtureRequest) -> Iterator[GarbageServer]:
+    with GarbageServer(request.param) as server:
+        yield server
+
+
+def test_garbage_frames_exit_2_with_protocol_diagnosis(garbage_server: GarbageServer) -> None:
+    result = chatprobe("probe", "--target", f"http://127.0.0.1:{garbage_server.port}",
+                       "--quiet")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "protocol.invalid_frames" in result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_plain_http_server_is_not_a_chat_target(tmp_path: Path) -> None:
+    # An HTTP server that does not upgrade: the probe says so, not "timeout".
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                               "0"], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        port = int(line.split("port ")[1].split(" ")[0])
+        result = chatprobe("probe", "--target", f"http://127.0.0.1:{port}", "--quiet")
+    finally:
+        server.kill()
+        server.wait()
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "WebSocket upgrade refused" in result.stdout or "protocol" in result.stdout
+
+
+def test_probe_writes_json_and_allure_results(reference_service: ServiceProcess,
+                                              tmp_path: Path) -> None:
+    json_path = tmp_path / "out" / "summary.json"
+    allure_dir = tmp_path / "allure-results"
+    result = chatprobe("probe", "--target", reference_service.base_url, "--messages", "50",
+                       "--customers", "5", "--json", str(json_path), "--alluredir",
+                       str(allure_dir), "--quiet")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    doc = json.loads(json_path.read_text())
+    for key in ("sent", "delivered", "late", "lost", "duplicate", "reordered", "misrouted",
+                "forged", "availability"):
+        assert key in doc
+    assert doc["sent"] == doc["delivered"] == 50
+    assert set(doc["latency_ms"]) >= {"p50", "p90", "p99", "p999", "max"}
+    results = list(allure_dir.glob("*-result.json"))
+    assert len(results) == 1
+    allure = json.loads(results[0].read_text())
+    assert allure["status"] == "passed"
+    for attachment in allure["attachments"]:
+        assert (allure_dir / attachment["source"]).is_file()
+    assert "delivered" in result.stdout and "OK" in result.stdout
+
+
+def test_demo_runs_the_main_job_and_exits_0(tmp_path: Path) -> None:
+    result = chatprobe("demo", "--messages", "300", "--customers", "10", "--quiet",
+                       "--json", str(tmp_path / "demo.json"))
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert json.loads((tmp_path / "demo.json").read_text())["delivered"] == 300
