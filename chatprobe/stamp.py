@@ -3,7 +3,7 @@
 Pure code, no I/O. A stamp is plain ASCII appended to the message text, so it survives
 platforms that only pass text through::
 
-    <body> [cp:<run>:<sender>:<conversation>:<seq>:<intended_us base36>:<signature>]
+    <body> [cp:<run>:<sender>:<conversation>:<seq>:<intended_us hex>:<signature hex>]
 
 The signature is a keyed BLAKE2b (per-run secret) over the stamp fields *and* the body, so a
 receiver can tell a genuine message from a corrupted or forged one. ``intended_us`` is the
@@ -12,7 +12,6 @@ intended send time in microseconds on the sender's clock (monotonic on one host)
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 import secrets
@@ -27,19 +26,6 @@ _SIG_BYTES = 6  # 48 bits: forging by chance is ~1 in 2.8e14 per attempt
 
 class StampError(ValueError):
     """A stamp could not be made from the given fields."""
-
-
-def _b36(value: int) -> str:
-    if value < 0:
-        raise StampError(f"stamp times must be non-negative, got {value}")
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    if value == 0:
-        return "0"
-    out = []
-    while value:
-        value, rem = divmod(value, 36)
-        out.append(digits[rem])
-    return "".join(reversed(out))
 
 
 class ParsedStamp(NamedTuple):
@@ -74,17 +60,17 @@ class StampCodec:
             raise StampError("stamp secret must be at least 8 bytes")
 
     def _sign(self, fields: str, body: str) -> str:
-        digest = hashlib.blake2b(
-            (fields + "|" + body).encode(), key=self.secret, digest_size=_SIG_BYTES
-        ).digest()
-        return base64.urlsafe_b64encode(digest).decode()
+        return hashlib.blake2b((fields + "|" + body).encode(), key=self.secret,
+                               digest_size=_SIG_BYTES).hexdigest()
 
     def stamp_text(self, body: str, sender: str, conversation: str, seq: int,
                    intended_us: int) -> str:
         """Return ``body`` with a signed stamp appended."""
         if ":" in sender or ":" in conversation or "]" in sender or "]" in conversation:
             raise StampError("sender and conversation ids must not contain ':' or ']'")
-        fields = f"{self.run}:{sender}:{conversation}:{seq}:{_b36(intended_us)}"
+        if intended_us < 0:
+            raise StampError(f"stamp times must be non-negative, got {intended_us}")
+        fields = f"{self.run}:{sender}:{conversation}:{seq}:{intended_us:x}"
         prefix = body + " " if body else ""
         return f"{prefix}{STAMP_OPEN}{fields}:{self._sign(fields, prefix)}{STAMP_CLOSE}"
 
@@ -102,7 +88,7 @@ class StampCodec:
         run, sender, conversation, seq_text, t_text, signature = parts
         try:
             seq = int(seq_text)
-            intended_us = int(t_text, 36)
+            intended_us = int(t_text, 16)
         except ValueError:
             return None
         if run != self.run:
