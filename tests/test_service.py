@@ -225,8 +225,10 @@ def test_admin_api_requires_the_token_and_validates_input(
     status, body = reference_service.admin("POST", "/admin/faults", {"explode": True})
     assert status == 400 and "unknown fault" in body["error"]
     status, body = reference_service.admin("PATCH", "/admin/shops/demo/agents/probe-1",
-                                           {"presence": "asleep"})
+                                           {"capacity": 3, "presence": "asleep"})
     assert status == 400 and "presence" in body["error"]
+    shop = reference_service.ok("GET", "/admin/shops/demo")
+    assert shop["agents"]["probe-1"]["capacity"] == 500  # a rejected change changes nothing
     status, body = reference_service.admin("GET", "/admin/messages/123456")
     assert status == 404
     stats = reference_service.stats()

@@ -10,8 +10,10 @@ docs/protocol.md.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import hmac
+import itertools
 import json
 import logging
 import random
@@ -38,6 +40,7 @@ from chatprobe.service.store import ConversationRow, MessageRow, Store
 log = logging.getLogger("chatprobe.service")
 
 REORDER_FLUSH_S = 0.5  # a held-back message with no successor is pushed in order after this
+PUSH_LOG_LIMIT = 1_000_000  # message ids whose push time the trace endpoint remembers
 TICK_S = 0.5  # re-evaluate queue (business hours) and session validity this often
 COUNTER_NAMES = (
     "accepted", "pushed", "dropped", "duplicated", "reordered", "filtered", "queued",
@@ -287,7 +290,12 @@ class ChatService:
         for session in good:
             session.send(frame)
         self.counters["pushed"] += 1
-        self.state.push_log[frame["id"]] = time.time()
+        push_log = self.state.push_log
+        push_log[frame["id"]] = time.time()
+        if len(push_log) > PUSH_LOG_LIMIT:
+            # Traces of the oldest pushes go first: bounded memory for long soak runs.
+            for old_id in list(itertools.islice(push_log, PUSH_LOG_LIMIT // 10)):
+                del push_log[old_id]
 
     def set_faults(self, faults: Faults) -> None:
         was_paused = self.faults.pause_push
@@ -610,6 +618,13 @@ def _not_found(message: str) -> web.HTTPNotFound:
     return web.HTTPNotFound(text=json.dumps({"error": message}), content_type="application/json")
 
 
+def _int_id(request: web.Request) -> int:
+    try:
+        return int(request.match_info["id"])
+    except ValueError:
+        raise _bad("id must be an integer") from None
+
+
 async def admin_stats(request: web.Request) -> web.Response:
     _check_admin(request)
     service = request.app[SERVICE_KEY]
@@ -653,41 +668,50 @@ async def admin_get_shop(request: web.Request) -> web.Response:
     return web.json_response(shop.public())
 
 
-async def admin_patch_shop(request: web.Request) -> web.Response:
-    _check_admin(request)
-    service = request.app[SERVICE_KEY]
-    shop_id = request.match_info["shop"]
+async def _json_object(request: web.Request) -> dict[str, Any]:
     body = await _json_body(request)
     if not isinstance(body, dict):
         raise _bad("body must be a JSON object")
-    shop = service.shops.get(shop_id)
-    if shop is None:
-        shop = Shop(id=shop_id)
+    return body
+
+
+def _after_config_change(service: ChatService) -> None:
+    service.check_sessions()
+    service.drain_queue()
+
+
+async def admin_patch_shop(request: web.Request) -> web.Response:
+    """PATCH changes fields of a shop; PUT also creates it. All-or-nothing on errors."""
+    _check_admin(request)
+    service = request.app[SERVICE_KEY]
+    shop_id = request.match_info["shop"]
+    body = await _json_object(request)
+    current = service.shops.get(shop_id)
+    if current is None and request.method != "PUT":
+        raise _not_found("no such shop (PUT creates one)")
+    shop = copy.deepcopy(current) if current is not None else Shop(id=shop_id)
     try:
         apply_shop_fields(shop, body, f"shops.{shop_id}")
     except ModelError as exc:
         raise _bad(str(exc)) from None
     service.shops[shop_id] = shop
-    service.check_sessions()
-    service.drain_queue()
+    _after_config_change(service)
     return web.json_response(shop.public())
 
 
 async def admin_patch_agent(request: web.Request) -> web.Response:
+    """PATCH changes fields of an agent; PUT also creates it. All-or-nothing on errors."""
     _check_admin(request)
     service = request.app[SERVICE_KEY]
     shop = service.shops.get(request.match_info["shop"])
     if shop is None:
         raise _not_found("no such shop")
     agent_id = request.match_info["agent"]
-    body = await _json_body(request)
-    if not isinstance(body, dict):
-        raise _bad("body must be a JSON object")
-    agent = shop.agents.get(agent_id)
-    if agent is None:
-        if request.method != "PUT":
-            raise _not_found("no such agent (PUT creates one)")
-        agent = Agent(id=agent_id, token="")
+    body = await _json_object(request)
+    current = shop.agents.get(agent_id)
+    if current is None and request.method != "PUT":
+        raise _not_found("no such agent (PUT creates one)")
+    agent = copy.deepcopy(current) if current is not None else Agent(id=agent_id, token="")
     try:
         apply_agent_fields(agent, body, f"agents.{agent_id}")
     except ModelError as exc:
@@ -695,8 +719,7 @@ async def admin_patch_agent(request: web.Request) -> web.Response:
     if not agent.token:
         raise _bad("agents need a token")
     shop.agents[agent_id] = agent
-    service.check_sessions()
-    service.drain_queue()
+    _after_config_change(service)
     return web.json_response(agent.public())
 
 
@@ -704,10 +727,7 @@ async def admin_trace(request: web.Request) -> web.Response:
     """Where one message went: the platform's push log for a message id."""
     _check_admin(request)
     service = request.app[SERVICE_KEY]
-    try:
-        message_id = int(request.match_info["id"])
-    except ValueError:
-        raise _bad("message id must be an integer") from None
+    message_id = _int_id(request)
     row = service.store.get_message(message_id)
     if row is None:
         raise _not_found("no such message")
@@ -737,7 +757,7 @@ async def admin_trace(request: web.Request) -> web.Response:
 async def admin_close_conversation(request: web.Request) -> web.Response:
     _check_admin(request)
     service = request.app[SERVICE_KEY]
-    conv = service.conversations.get(int(request.match_info["id"]))
+    conv = service.conversations.get(_int_id(request))
     if conv is None:
         raise _not_found("no open conversation with that id")
     close_conversation(service, conv)
@@ -747,11 +767,11 @@ async def admin_close_conversation(request: web.Request) -> web.Response:
 async def admin_transfer_conversation(request: web.Request) -> web.Response:
     _check_admin(request)
     service = request.app[SERVICE_KEY]
-    conv = service.conversations.get(int(request.match_info["id"]))
-    body = await _json_body(request)
+    conv = service.conversations.get(_int_id(request))
+    body = await _json_object(request)
     if conv is None:
         raise _not_found("no open conversation with that id")
-    target = body.get("agent") if isinstance(body, dict) else None
+    target = body.get("agent")
     shop = service.shops[conv.shop]
     if not isinstance(target, str) or target not in shop.agents:
         raise _bad("'agent' must name an agent of the conversation's shop")
