@@ -55,7 +55,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
         raise HarnessError(f"{source}: a target config must be a mapping")
     known = {"protocol", "shop", "agents", "admin_token", "client_version", "channels",
              "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s", "extra"}
-    unknown = sorted(set(document) - known)
+    unknown = sorted(str(key) for key in document if key not in known)
     if unknown:
         raise HarnessError(f"{source}: unknown field(s) {', '.join(unknown)}")
     agents_raw = document.get("agents", [])

@@ -185,10 +185,13 @@ class Ledger:
                 counts.unknown += 1
                 return Receipt.UNKNOWN
             closed.receipts += 1
+            self._check_route(closed, receiver)
             if closed.first_receipt_us is None:
-                # Arrived after it was declared lost: it stays lost, but we say so.
+                # Declared lost by expire() before it arrived: it stays lost, but its flags
+                # are the same as if it had arrived before expire() ran.
                 closed.first_receipt_us = received_us
                 closed.receiver = receiver
+                self._check_order(closed)
                 counts.received_after_deadline += 1
                 return Receipt.AFTER_DEADLINE
             counts.duplicate += 1
@@ -197,18 +200,10 @@ class Ledger:
         record.receipts = 1
         record.first_receipt_us = received_us
         record.receiver = receiver
-        latency = received_us - record.intended_us
-        conversation = stamp.conversation
-        if stamp.seq < self._max_seq_received.get(conversation, 0):
-            record.reordered = True
-            counts.reordered += 1
-        else:
-            self._max_seq_received[conversation] = stamp.seq
-        expected = self._expected.get(conversation)
-        if expected is not None and receiver not in expected:
-            record.misrouted = True
-            counts.misrouted += 1
+        self._check_order(record)
+        self._check_route(record, receiver)
         self._closed[key] = record
+        latency = received_us - record.intended_us
         if latency > self.deadline_us:
             record.outcome = Outcome.LOST
             counts.lost += 1
@@ -224,6 +219,24 @@ class Ledger:
             counts.late += 1
             self.late_records.append(record)
         return Receipt.FIRST
+
+    def _check_order(self, record: MessageRecord) -> None:
+        """First receipt after a later message of its conversation: reordered."""
+        conversation = record.conversation
+        if record.seq < self._max_seq_received.get(conversation, 0):
+            record.reordered = True
+            self.counts.reordered += 1
+        else:
+            self._max_seq_received[conversation] = record.seq
+
+    def _check_route(self, record: MessageRecord, receiver: str) -> None:
+        """Any copy reaching a receiver not expected for its conversation: misrouted (once)."""
+        if record.misrouted:
+            return
+        expected = self._expected.get(record.conversation)
+        if expected is not None and receiver not in expected:
+            record.misrouted = True
+            self.counts.misrouted += 1
 
     # -- closing -----------------------------------------------------------------------
 

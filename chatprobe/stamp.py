@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 STAMP_OPEN = "[cp:"
 STAMP_CLOSE = "]"
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SIG_BYTES = 6  # 48 bits: forging by chance is ~1 in 2.8e14 per attempt
 
 
@@ -54,7 +54,7 @@ class StampCodec:
         return cls(run=run or secrets.token_hex(4), secret=secrets.token_bytes(16))
 
     def __post_init__(self) -> None:
-        if not _ID_PATTERN.match(self.run) or "." in self.run:
+        if not _ID_PATTERN.fullmatch(self.run):
             raise StampError(f"run id {self.run!r} must be 1-64 of [A-Za-z0-9_-]")
         if len(self.secret) < 8:
             raise StampError("stamp secret must be at least 8 bytes")

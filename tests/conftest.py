@@ -64,8 +64,12 @@ class ServiceProcess:
         lines: queue.Queue[str] = queue.Queue()
         stdout = self.proc.stdout
         assert stdout is not None
-        threading.Thread(target=lambda: [lines.put(line) for line in stdout],
-                         daemon=True).start()
+
+        def forward() -> None:
+            for line in stdout:
+                lines.put(line)
+
+        threading.Thread(target=forward, daemon=True).start()
         try:
             first = lines.get(timeout=scaled(20))
         except queue.Empty:

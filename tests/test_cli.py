@@ -1,4 +1,4 @@
-"""The `chatprobe` command as a user runs it: exit codes, one-line errors, JSON and Allure output."""
+"""The `chatprobe` command as a user runs it: exit codes, one-line errors, JSON, Allure files."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ string ``type``.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -61,10 +62,14 @@ def optional_int(frame: Frame, key: str) -> int | None:
     return value
 
 
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'5.2.10' -> (5, 2, 10); unparseable parts count as 0 so old clients stay comparable."""
-    parts = []
-    for piece in version.split(".")[:4]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+_LEADING_DIGITS = re.compile(r"[0-9]+")
+
+
+def version_tuple(version: str) -> tuple[int, int, int, int]:
+    """'5.2.10' -> (5, 2, 10, 0). A leading 'v' is ignored; each part counts by its leading
+    ASCII digits ('2rc1' -> 2, 'beta' -> 0); padded to four parts so '3.0' == '3.0.0'."""
+    parts = [0, 0, 0, 0]
+    for index, piece in enumerate(version.strip().lstrip("vV").split(".")[:4]):
+        match = _LEADING_DIGITS.match(piece)
+        parts[index] = int(match.group()) if match else 0
+    return parts[0], parts[1], parts[2], parts[3]

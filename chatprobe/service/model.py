@@ -49,10 +49,9 @@ class BusinessHours:
 def _minute(text: Any) -> int:
     if not isinstance(text, str) or len(text) != 5 or text[2] != ":":
         raise ModelError(f"time {text!r} must look like 'HH:MM'")
-    try:
-        hours, minutes = int(text[:2]), int(text[3:])
-    except ValueError:
-        raise ModelError(f"time {text!r} must look like 'HH:MM'") from None
+    if not (text[:2] + text[3:]).isascii() or not (text[:2] + text[3:]).isdigit():
+        raise ModelError(f"time {text!r} must look like 'HH:MM'")
+    hours, minutes = int(text[:2]), int(text[3:])
     if not (0 <= hours <= 24 and 0 <= minutes < 60) or hours * 60 + minutes > 1440:
         raise ModelError(f"time {text!r} is not a time of day")
     return hours * 60 + minutes
@@ -204,7 +203,8 @@ def apply_agent_fields(agent: Agent, data: dict[str, Any], where: str) -> None:
         elif key == "status":
             agent.status = _choice(value, ACCOUNT_STATES, place)
         elif key == "token_expires_at":
-            if value is not None and not isinstance(value, int | float):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)):
                 raise ModelError(f"{place} must be null or unix seconds")
             agent.token_expires_at = None if value is None else float(value)
         else:

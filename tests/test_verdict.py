@@ -1,0 +1,167 @@
+"""Verdicts: status per situation, the --json document's keys, and the human table."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from chatprobe.diagnosis import Cause, Diagnosis
+from chatprobe.histogram import LatencyHistogram
+from chatprobe.ledger import LedgerCounts
+from chatprobe.verdict import RunSummary, Status, Thresholds, render_table
+
+
+def latency(*values_us: int) -> LatencyHistogram:
+    hist = LatencyHistogram()
+    for value in values_us:
+        hist.record_us(value)
+    return hist
+
+
+def summary(counts: LedgerCounts | None = None, hist: LatencyHistogram | None = None,
+            **changes: Any) -> RunSummary:
+    counts = counts or LedgerCounts(sent=10, delivered=10)
+    if hist is None:
+        hist = latency(*([2000] * (counts.delivered + counts.late)))
+    return RunSummary(run="r1", target="ws://example.invalid", counts=counts, latency=hist,
+                      sla_ms=3000.0, deadline_ms=10000.0, **changes)
+
+
+def test_ok() -> None:
+    assert summary().status() is Status.OK
+    assert summary().status(Thresholds()) is Status.OK
+    assert summary().status(Thresholds(p99_warning_ms=5.0)) is Status.OK
+
+
+def test_exit_codes() -> None:
+    assert [int(s) for s in (Status.OK, Status.WARNING, Status.CRITICAL, Status.UNKNOWN)] == [
+        0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("counts", [
+    LedgerCounts(sent=10, delivered=9, late=1),
+    LedgerCounts(sent=10, delivered=10, duplicate=1),
+    LedgerCounts(sent=10, delivered=10, reordered=1),
+    LedgerCounts(sent=10, late=10),  # late, but delivered: not "no delivery"
+], ids=["late", "duplicate", "reordered", "all-late"])
+def test_warning(counts: LedgerCounts) -> None:
+    assert summary(counts).status() is Status.WARNING
+
+
+def test_warning_for_p99_over_threshold() -> None:
+    s = summary(hist=latency(*([2000] * 100)))
+    assert s.status(Thresholds(p99_warning_ms=1.5)) is Status.WARNING
+    assert s.status(Thresholds(p99_warning_ms=2.5)) is Status.OK
+    assert s.status(Thresholds(p99_warning_ms=None)) is Status.OK
+    assert s.status() is Status.OK
+
+
+def test_p99_threshold_looks_at_p99_not_max() -> None:
+    s = summary(hist=latency(*([1000] * 999 + [60_000])))
+    assert s.status(Thresholds(p99_warning_ms=2.0)) is Status.OK
+    assert s.status(Thresholds(p99_warning_ms=0.5)) is Status.WARNING
+
+
+def test_p99_threshold_ignored_without_samples() -> None:
+    s = summary(LedgerCounts(), hist=LatencyHistogram())
+    assert s.status(Thresholds(p99_warning_ms=0.001)) is Status.OK
+
+
+@pytest.mark.parametrize("counts", [
+    LedgerCounts(sent=10, delivered=9, lost=1),
+    LedgerCounts(sent=10, delivered=10, misrouted=1),
+    LedgerCounts(sent=10, delivered=10, forged=1),
+    LedgerCounts(sent=10, pending=10),  # nothing delivered at all
+    LedgerCounts(sent=10, delivered=9, lost=1, late=0, duplicate=3, reordered=2),
+], ids=["lost", "misrouted", "forged", "no-delivery", "lost-beats-warnings"])
+def test_critical(counts: LedgerCounts) -> None:
+    assert summary(counts).status() is Status.CRITICAL
+
+
+def test_critical_for_fatal_diagnosis() -> None:
+    s = summary(fatal=Diagnosis(Cause.AUTH_REJECTED, "bad token"))
+    assert s.status() is Status.CRITICAL
+    rows = s.diagnosis_table()
+    assert rows[0]["outcome"] == "run" and rows[0]["cause"] == "auth.rejected"
+
+
+def test_unknown_for_harness_error_beats_everything() -> None:
+    s = summary(LedgerCounts(sent=10, lost=10), harness_error="config unreadable",
+                fatal=Diagnosis(Cause.TRANSPORT))
+    assert s.status() is Status.UNKNOWN
+    doc = s.to_json()
+    assert doc["status"] == "UNKNOWN" and doc["exit_code"] == 3
+    assert doc["harness_error"] == "config unreadable"
+
+
+def test_to_json_keys_and_values() -> None:
+    counts = LedgerCounts(sent=10, delivered=6, late=1, lost=2, pending=1, duplicate=3,
+                          reordered=4, misrouted=5, forged=6)
+    hist = latency(1000, 2000, 3000, 4000, 5000, 6000, 40_000)
+    s = summary(counts, hist, diagnoses=[("lost", Diagnosis(Cause.PUSH_LOST)),
+                                         ("lost", Diagnosis(Cause.PUSH_LOST)),
+                                         ("late", Diagnosis(Cause.SLOW))],
+                events=Counter({"reconnect": 2}))
+    doc = s.to_json()
+    for key, value in (("sent", 10), ("delivered", 6), ("late", 1), ("lost", 2),
+                       ("duplicate", 3), ("reordered", 4), ("misrouted", 5), ("forged", 6)):
+        assert doc[key] == value, key
+    assert doc["availability"] == pytest.approx(6 / 9)
+    assert doc["status"] == "CRITICAL" and doc["exit_code"] == 2
+    lat = doc["latency_ms"]
+    assert {"p50", "p90", "p99", "p999", "max"} <= set(lat)
+    assert lat["count"] == 7
+    assert lat["p50"] == pytest.approx(4.0, rel=1e-3)
+    assert lat["max"] == pytest.approx(40.0, rel=1e-3)
+    assert LatencyHistogram.decode(doc["latency_histogram"]).count == 7
+    assert doc["diagnoses"][0] == {"outcome": "lost", "cause": "push.lost", "count": 2,
+                                   "explanation": Diagnosis(Cause.PUSH_LOST).line()}
+    assert doc["events"] == {"reconnect": 2}
+    json.dumps(doc)  # the --json document must serialise
+
+
+def test_to_json_availability_none_without_closed_messages() -> None:
+    doc = summary(LedgerCounts(), hist=LatencyHistogram()).to_json()
+    assert doc["availability"] is None
+    assert doc["latency_ms"]["p99"] == 0.0
+
+
+def test_to_json_status_uses_thresholds() -> None:
+    s = summary(hist=latency(*([2000] * 100)))
+    assert s.to_json(Thresholds(p99_warning_ms=1.0))["status"] == "WARNING"
+    assert s.to_json()["status"] == "OK"
+
+
+@pytest.mark.parametrize("counts, status", [
+    (LedgerCounts(sent=10, delivered=10), "OK"),
+    (LedgerCounts(sent=10, delivered=9, late=1), "WARNING"),
+    (LedgerCounts(sent=10, delivered=9, lost=1), "CRITICAL"),
+])
+def test_render_table_mentions_status(counts: LedgerCounts, status: str) -> None:
+    text = render_table(summary(counts).to_json())
+    first = text.splitlines()[0]
+    assert status in first and "r1" in first
+    assert "availability" in text and "p99" in text
+
+
+def test_render_table_mentions_unknown_and_diagnoses() -> None:
+    s = summary(LedgerCounts(), hist=LatencyHistogram(), harness_error="boom",
+                diagnoses=[("lost", Diagnosis(Cause.PRESENCE, "probe-1"))])
+    text = render_table(s.to_json())
+    assert "UNKNOWN" in text.splitlines()[0]
+    assert Diagnosis(Cause.PRESENCE, "probe-1").line() in text
+
+
+def test_render_table_lists_diagnoses_and_events() -> None:
+    s = summary(LedgerCounts(sent=10, delivered=9, lost=1),
+                diagnoses=[("lost", Diagnosis(Cause.PUSH_STALLED))],
+                events=Counter({"disconnect": 1}))
+    text = render_table(s.to_json())
+    assert "CRITICAL" in text
+    assert Diagnosis(Cause.PUSH_STALLED).line() in text
+    assert "disconnect 1" in text
+    assert "n/a" not in text  # availability is known
+
