@@ -16,12 +16,17 @@ ensure_venv() {
     if [[ -x $VENV/bin/python && -f $VENV/.chatprobe-installed && "$(cat $VENV/.chatprobe-installed)" == "$want" ]]; then
         return
     fi
-    echo "chatprobe: installing into $VENV (first run takes a minute)..." >&2
+    echo "chatprobe: installing into $VENV (first run takes a minute; log: $VENV/install.log)" >&2
     if [[ ! -x $VENV/bin/python ]]; then
         "$PY" -m venv "$VENV"
     fi
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".$extras" >&2
+    if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip \
+           && "$VENV/bin/python" -m pip install --disable-pip-version-check -e ".$extras"; } \
+           > "$VENV/install.log" 2>&1; then
+        tail -n 30 "$VENV/install.log" >&2
+        echo "chatprobe: installation failed; full log in $VENV/install.log" >&2
+        exit 3
+    fi
     echo "$want" > "$VENV/.chatprobe-installed"
 }
 
