@@ -262,7 +262,8 @@ async def _explain(adapter: Adapter, config: TargetConfig, options: ProbeOptions
     ledger = state.ledger
     probe_agents = frozenset(agents)
     profiles = tuple(a.profile for a in agents.values())
-    dead_cause = next((a.failure for a in agents.values() if a.failure is not None), None)
+    failures = {name: a.failure for name, a in agents.items() if a.failure is not None}
+    all_dead = bool(agents) and len(failures) == len(agents)
     by_name = {f"c{i}": conv for i, conv in enumerate(conversations)}
     to_explain = [("lost", r) for r in ledger.lost_records] + [
         ("late", r) for r in ledger.late_records]
@@ -271,8 +272,12 @@ async def _explain(adapter: Adapter, config: TargetConfig, options: ProbeOptions
         platform_cause: Cause | None = None
         detail = ""
         hops: dict[str, object] = {}
-        if dead_cause is not None and outcome == "lost":
-            platform_cause, detail = dead_cause.cause, dead_cause.detail
+        # A dead agent session explains a loss only where it was the one to receive it.
+        dead = failures.get(conv.agent or "") if conv is not None else None
+        if dead is None and all_dead:
+            dead = next(iter(failures.values()))
+        if dead is not None and outcome == "lost":
+            platform_cause, detail = dead.cause, dead.detail
         elif record.server_id is not None and index < options.explain_limit:
             explanation = await adapter.explain(record.server_id, probe_agents)
             if explanation is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from chatprobe.service.model import (
@@ -92,8 +92,20 @@ def test_contains_matches_clock_arithmetic(start: int, end: int, minute: int) ->
 @settings(max_examples=100)
 @given(start=st.integers(0, 1440), end=st.integers(0, 1440))
 def test_as_dict_round_trip(start: int, end: int) -> None:
+    assume(start != end)
     window = BusinessHours(start, end)
     assert BusinessHours.parse(window.as_dict()) == window
+
+
+def test_equal_start_and_end_is_rejected_not_silently_never_open() -> None:
+    with pytest.raises(ModelError, match="use null for always open"):
+        BusinessHours.parse({"start": "09:00", "end": "09:00"})
+
+
+def test_unknown_filter_action_is_rejected() -> None:
+    shop = Shop(id="s")
+    with pytest.raises(ModelError, match="action"):
+        apply_shop_fields(shop, {"filters": [{"keyword": "x", "action": "tickle"}]}, "shop")
 
 
 # -- eligibility --------------------------------------------------------------------------

@@ -235,3 +235,64 @@ def test_admin_api_requires_the_token_and_validates_input(
     for key in ("accepted", "pushed", "dropped", "duplicated", "reordered", "filtered",
                 "queued"):
         assert stats[key] == 0
+
+
+def test_freezing_an_agent_ends_its_session_and_routing_stops_counting_it(
+        reference_service: ServiceProcess) -> None:
+    async def scenario(service: ServiceProcess) -> None:
+        agent_ws, _ = await agent(service)
+        service.ok("PATCH", "/admin/shops/demo/agents/probe-1", {"status": "frozen"})
+        error = await recv_until(agent_ws, "error")
+        assert error["code"] == "account_frozen"
+        async with asyncio.timeout(scaled(5)):
+            await agent_ws.wait_closed()  # the server hangs up, not just goes quiet
+        assert service.stats()["agent_sessions"] == 0
+
+    run(reference_service, scenario)
+
+
+def test_bad_resume_after_is_refused_without_a_half_open_session(
+        reference_service: ServiceProcess) -> None:
+    async def scenario(service: ServiceProcess) -> None:
+        ws, reply = await agent(service, resume_after="yesterday")
+        assert reply["type"] == "error" and reply["code"] == "bad_frame"
+        await ws.send(json.dumps({"type": "ping"}))
+        error = await recv_until(ws, "error")  # still not logged in: no pong
+        assert error["code"] == "not_logged_in"
+        assert service.stats()["agent_sessions"] == 0
+
+    run(reference_service, scenario)
+
+
+def test_transferring_a_queued_conversation_delivers_what_waited(
+        reference_service: ServiceProcess) -> None:
+    async def scenario(service: ServiceProcess) -> None:
+        for name in ("probe-1", "probe-2"):
+            service.ok("PATCH", f"/admin/shops/demo/agents/{name}", {"receive_messages": False})
+        agent_ws, _ = await agent(service)
+        cust, _ = await customer(service)
+        opened = await open_conversation(cust)
+        assert opened["state"] == "queued"
+        await cust.send(json.dumps({"type": "send", "conversation": opened["conversation"],
+                                    "client_msg_id": "m1", "text": "anyone?"}))
+        ack = await recv_until(cust, "ack")
+        service.ok("POST", f"/admin/conversations/{opened['conversation']}/transfer",
+                   {"agent": "probe-1"})
+        pushed = await recv_until(agent_ws, "message")
+        assert pushed["id"] == ack["id"]
+        await agent_ws.close()
+        await cust.close()
+
+    run(reference_service, scenario)
+
+
+def test_errors_name_the_request_that_failed(reference_service: ServiceProcess) -> None:
+    async def scenario(service: ServiceProcess) -> None:
+        cust, _ = await customer(service)
+        await cust.send(json.dumps({"type": "send", "conversation": 424242,
+                                    "client_msg_id": "m-77", "text": "x"}))
+        error = await recv_until(cust, "error")
+        assert error["code"] == "unknown_conversation" and error["client_msg_id"] == "m-77"
+        await cust.close()
+
+    run(reference_service, scenario)

@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,11 +120,24 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 def adapter_for(protocol: str) -> type[Adapter]:
+    """The adapter class for a config's ``protocol``: a registered name, or ``module:Class``
+    for an adapter of your own that lives outside chatprobe."""
     # Import the built-in adapters so they register themselves.
     from chatprobe.protocols import reference  # noqa: F401
 
+    if ":" in protocol:
+        module_name, _, class_name = protocol.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise HarnessError(f"cannot import adapter module {module_name!r}: {exc}") from None
+        cls = getattr(module, class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+            raise HarnessError(f"{protocol!r} is not an Adapter subclass")
+        return cls
     try:
         return _REGISTRY[protocol]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise HarnessError(f"unknown protocol {protocol!r} (known: {known})") from None
+        raise HarnessError(f"unknown protocol {protocol!r} (known: {known}, "
+                           "or module:Class)") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +42,8 @@ LOGIN_ERRORS = {
     wire.ERR_ACCOUNT_FROZEN: Cause.ACCOUNT_FROZEN,
     wire.ERR_UNKNOWN_SHOP: Cause.AUTH_REJECTED,
 }
+
+SEEN_IDS_LIMIT = 200_000  # message ids remembered per connection for replay deduplication
 
 # The reference service's trace words -> causes (its queue reasons and message statuses).
 QUEUE_REASONS = {
@@ -94,7 +97,12 @@ class _Link:
         self.waiters: dict[tuple[str, str], asyncio.Future[wire.Frame]] = {}
         self.dead: TargetError | None = None
         self.closing = False
+        # Ids already passed on: a resume may replay frames that were in flight; the harness
+        # must not count its own reconnect as the platform duplicating messages.
+        self.seen_ids: set[int] = set()
+        self.seen_order: deque[int] = deque()
         self.reader: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._connect(resume=False)
@@ -134,7 +142,8 @@ class _Link:
         if frame["type"] == "error":
             await ws.close()
             code = str(frame.get("code"))
-            cause = LOGIN_ERRORS.get(code, Cause.AUTH_REJECTED)
+            cause = LOGIN_ERRORS.get(code, Cause.PROTOCOL if code == wire.ERR_BAD_FRAME
+                                     else Cause.AUTH_REJECTED)
             raise TargetError(cause, f"login refused: {code} ({frame.get('message', '')})")
         if frame["type"] != "welcome":
             await ws.close()
@@ -187,10 +196,19 @@ class _Link:
         self._die(last_error or TargetError(Cause.DISCONNECTED, "gave up reconnecting"))
         return False
 
+    def _remember(self, message_id: int) -> None:
+        self.seen_ids.add(message_id)
+        self.seen_order.append(message_id)
+        if len(self.seen_order) > SEEN_IDS_LIMIT:
+            self.seen_ids.discard(self.seen_order.popleft())
+
     def _die(self, error: TargetError) -> None:
         if self.dead is None:
             self.dead = error
             self.on_event("dead", str(error))
+            if self.ws is not None:
+                # Hang up our side too: a dead session must not hold a socket open.
+                self._closer = asyncio.get_running_loop().create_task(self.ws.close())
         for future in list(self.ack_futures.values()) + list(self.waiters.values()):
             if not future.done():
                 future.set_exception(error)
@@ -208,13 +226,23 @@ class _Link:
             return
         if kind == "message":
             message_id = frame.get("id")
-            if isinstance(message_id, int) and (self.last_id is None
-                                                or message_id > self.last_id):
-                self.last_id = message_id
+            if isinstance(message_id, int):
+                if message_id in self.seen_ids:
+                    return
+                self._remember(message_id)
+                if self.last_id is None or message_id > self.last_id:
+                    self.last_id = message_id
         elif kind == "error":
             code = str(frame.get("code"))
             if code in LOGIN_ERRORS:
                 self._die(TargetError(LOGIN_ERRORS[code], f"session ended by target: {code}"))
+                return
+            refused = self.ack_futures.pop(str(frame.get("client_msg_id")), None)
+            if refused is not None:
+                self.unacked.pop(str(frame.get("client_msg_id")), None)
+                if not refused.done():
+                    refused.set_exception(TargetError(
+                        Cause.NOT_ACCEPTED, f"{code}: {frame.get('message', '')}"))
                 return
             self.on_event("error", f"{code}: {frame.get('message', '')}")
         waiter = self.waiters.pop((kind, str(frame.get("ref", ""))), None)
@@ -320,8 +348,11 @@ class ReferenceAdapter(Adapter):
         super().__init__(target_url, config)
         self.ws_url = websocket_url(target_url)
         parts = urlsplit(target_url)
+        path = parts.path.rstrip("/")
+        if parts.scheme in ("ws", "wss") and path.endswith("/ws"):
+            path = path[: -len("/ws")]
         self.http_base = urlunsplit(("https" if parts.scheme in ("https", "wss") else "http",
-                                     parts.netloc, parts.path.rstrip("/"), "", ""))
+                                     parts.netloc, path, "", ""))
         self._http: aiohttp.ClientSession | None = None
 
     async def connect_customer(self, customer_id: str, on_receive: OnReceive,
@@ -341,6 +372,7 @@ class ReferenceAdapter(Adapter):
         await link.start()
         profile: dict[str, Any] = link.welcome.get("profile") or {}
         if not isinstance(profile, dict):
+            await link.close()
             raise TargetError(Cause.PROTOCOL, "welcome 'profile' is not an object")
         return _ReferenceAgent(link, AgentSelf(
             agent=credential.id,

@@ -21,6 +21,7 @@ ERR_ACCOUNT_FROZEN = "account_frozen"
 ERR_UNKNOWN_SHOP = "unknown_shop"
 ERR_UNKNOWN_CONVERSATION = "unknown_conversation"
 ERR_NOT_LOGGED_IN = "not_logged_in"
+ERR_NOT_YOUR_CONVERSATION = "not_your_conversation"
 
 Frame = dict[str, Any]
 

@@ -60,19 +60,30 @@ class Session:
         self.user = user
         self.version_ok = version_ok
         self.outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self.resume_after: int | None = None
 
     def send(self, frame: wire.Frame) -> None:
         self.outbox.put_nowait(wire.encode(frame))
 
     async def pump(self) -> None:
+        """Write queued frames in order; None means: flush what came before, then hang up."""
         while True:
             text = await self.outbox.get()
-            if text is None or self.ws.closed:
+            if self.ws.closed:
+                return
+            if text is None:
+                await self.ws.close()
                 return
             try:
                 await self.ws.send_str(text)
             except (ConnectionError, RuntimeError):
                 return
+
+    def end(self, frame: wire.Frame | None = None) -> None:
+        """Send a last frame (optional) and close the connection after everything queued."""
+        if frame is not None:
+            self.send(frame)
+        self.outbox.put_nowait(None)
 
 
 @dataclass
@@ -170,9 +181,19 @@ class ChatService:
             agent = self._pick_agent(conv)
             if agent is None:
                 continue
-            self._assign(conv, agent)
-            for row in self.store.messages_with_status(conv.id, "queued"):
+            self.assign_and_flush(conv, agent)
+
+    def assign_and_flush(self, conv: ConversationRow, agent: Agent) -> None:
+        """Assign a conversation and send on what waited in its queue (re-checking the push
+        switch, which may have changed while the messages waited)."""
+        self._assign(conv, agent)
+        push_enabled = self.shops[conv.shop].push_enabled
+        for row in self.store.messages_with_status(conv.id, "queued"):
+            if push_enabled:
                 self._route_accepted(conv, row)
+            else:
+                self.store.set_status(row.id, "push_disabled", None, conv.agent)
+                self.counters["push_disabled"] += 1
 
     # -- the customer -> agent path -----------------------------------------------------
 
@@ -182,7 +203,7 @@ class ChatService:
             return "conversation_closed", None
         rule = shop.filtered_by(text)
         if rule is not None:
-            return "filtered", rule.keyword
+            return "filtered", f"{rule.action}: {rule.keyword}"
         if not shop.push_enabled:
             return "push_disabled", None
         if conv.agent is None:
@@ -318,8 +339,9 @@ class ChatService:
             if code is None:
                 continue
             for session in list(sessions):
-                session.send({"type": "error", "code": code, "message": "session ended"})
-                session.outbox.put_nowait(None)
+                # Unregister at once so the router stops counting this agent as connected.
+                _logout(self, session)
+                session.end({"type": "error", "code": code, "message": "session ended"})
 
     async def tick(self) -> None:
         while True:
@@ -358,28 +380,30 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     pump: asyncio.Task[None] | None = None
     try:
         async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                if msg.type == WSMsgType.BINARY:
-                    await ws.send_str(wire.encode({"type": "error", "code": wire.ERR_BAD_FRAME,
-                                                   "message": "binary frames not supported"}))
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 continue
+            frame: wire.Frame | None = None
             try:
+                if msg.type == WSMsgType.BINARY:
+                    raise wire.ProtocolError("binary frames not supported")
                 frame = wire.decode(msg.data)
                 if session is None:
                     session = _hello(service, ws, frame)
                     pump = asyncio.get_running_loop().create_task(session.pump())
-                    _after_login(service, session, frame)
+                    _after_login(service, session)
                 else:
                     _handle(service, session, frame)
             except wire.ProtocolError as exc:
                 service.counters["bad_frames"] += 1
                 error = {"type": "error", "code": wire.ERR_BAD_FRAME, "message": str(exc)}
+                _echo_request_ids(error, frame)
                 if session is not None:
                     session.send(error)
                 else:
                     await ws.send_str(wire.encode(error))
             except FrameError as exc:
                 error = {"type": "error", "code": exc.code, "message": exc.message}
+                _echo_request_ids(error, frame)
                 if session is not None:
                     session.send(error)
                 else:
@@ -396,6 +420,14 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+def _echo_request_ids(error: wire.Frame, frame: wire.Frame | None) -> None:
+    """Let the client tell which request failed."""
+    if isinstance(frame, dict):
+        for key in ("client_msg_id", "ref"):
+            if isinstance(frame.get(key), str):
+                error[key] = frame[key]
+
+
 def _hello(service: ChatService, ws: web.WebSocketResponse, frame: wire.Frame) -> Session:
     if frame["type"] != "hello":
         raise FrameError(wire.ERR_NOT_LOGGED_IN, "first frame must be hello", fatal=True)
@@ -404,6 +436,7 @@ def _hello(service: ChatService, ws: web.WebSocketResponse, frame: wire.Frame) -
     shop = service.shops.get(shop_id)
     if shop is None:
         raise FrameError(wire.ERR_UNKNOWN_SHOP, f"no shop {shop_id!r}", fatal=True)
+    resume_after = wire.optional_int(frame, "resume_after")
     version = str(frame.get("client_version", "0"))
     version_ok = wire.version_tuple(version) >= wire.version_tuple(shop.min_client_version)
     if role == "agent":
@@ -416,15 +449,18 @@ def _hello(service: ChatService, ws: web.WebSocketResponse, frame: wire.Frame) -
         problem = _login_problem(agent, time.time())
         if problem is not None:
             raise FrameError(problem, "login refused", fatal=True)
-        return Session(ws, "agent", shop_id, agent_id, version_ok)
-    if role == "customer":
+        session = Session(ws, "agent", shop_id, agent_id, version_ok)
+    elif role == "customer":
         customer = wire.require_str(frame, "customer", 128)
-        return Session(ws, "customer", shop_id, customer, version_ok)
-    raise FrameError(wire.ERR_BAD_FRAME, "role must be 'agent' or 'customer'", fatal=True)
+        session = Session(ws, "customer", shop_id, customer, version_ok)
+    else:
+        raise FrameError(wire.ERR_BAD_FRAME, "role must be 'agent' or 'customer'", fatal=True)
+    session.resume_after = resume_after
+    return session
 
 
-def _after_login(service: ChatService, session: Session, frame: wire.Frame) -> None:
-    resume_after = wire.optional_int(frame, "resume_after")
+def _after_login(service: ChatService, session: Session) -> None:
+    resume_after = session.resume_after
     key = (session.shop, session.user)
     shop = service.shops[session.shop]
     welcome: wire.Frame = {"type": "welcome", "role": session.role, "server_time": time.time(),
@@ -442,7 +478,7 @@ def _after_login(service: ChatService, session: Session, frame: wire.Frame) -> N
                 session.send({"type": "assigned", "conversation": conv.id,
                               "customer": conv.customer, "channel": conv.channel})
         if resume_after is not None and session.version_ok:
-            for row in service.store.agent_backlog(session.user, resume_after):
+            for row in service.store.agent_backlog(session.shop, session.user, resume_after):
                 open_conv = service.conversations.get(row.conversation)
                 if open_conv is not None:
                     session.send(service._agent_frame(open_conv, row))
@@ -554,7 +590,7 @@ def _open(service: ChatService, session: Session, frame: wire.Frame) -> None:
 def _reply(service: ChatService, session: Session, frame: wire.Frame) -> None:
     conv = _conversation_for(service, session, frame)
     if conv.agent != session.user or conv.state != "open":
-        raise FrameError("not_your_conversation", "conversation is not assigned to you")
+        raise FrameError(wire.ERR_NOT_YOUR_CONVERSATION, "conversation is not assigned to you")
     client_msg_id = wire.require_str(frame, "client_msg_id", 128)
     text = wire.require_str(frame, "text", 65536)
     try:
@@ -569,9 +605,11 @@ def _reply(service: ChatService, session: Session, frame: wire.Frame) -> None:
                   "conversation": conv.id, "ts": row.ts})
     if fresh:
         service.counters["replies"] += 1
-        for customer_session in service.customer_sessions.get((conv.shop, conv.customer), ()):
+        targets = service.customer_sessions.get((conv.shop, conv.customer), ())
+        for customer_session in targets:
             customer_session.send(_customer_frame(row))
-        service.counters["replies_pushed"] += 1
+        if targets:
+            service.counters["replies_pushed"] += 1
 
 
 def close_conversation(service: ChatService, conv: ConversationRow) -> None:
@@ -579,6 +617,9 @@ def close_conversation(service: ChatService, conv: ConversationRow) -> None:
         return
     conv.state = "closed"
     service.store.close_conversation(conv.id)
+    for row in service.store.messages_with_status(conv.id, "queued"):
+        service.store.set_status(row.id, "conversation_closed")
+        service.counters["conversation_closed"] += 1
     service.conversations.pop(conv.id, None)
     service.queued.pop(conv.id, None)
     if conv.agent is not None:
@@ -778,7 +819,8 @@ async def admin_transfer_conversation(request: web.Request) -> web.Response:
     if conv.agent is not None:
         key = (conv.shop, conv.agent)
         service.active[key] = max(0, service.active.get(key, 0) - 1)
-    service._assign(conv, shop.agents[target])
+    # An admin transfer is a forced assignment: no eligibility check, like a supervisor's.
+    service.assign_and_flush(conv, shop.agents[target])
     return web.json_response({"conversation": conv.id, "agent": target})
 
 

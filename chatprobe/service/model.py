@@ -15,6 +15,7 @@ ROLES = ("customer_service", "admin", "read_only")
 CHANNELS = ("web", "app", "mini_program")
 PRESENCES = ("online", "away", "offline")
 ACCOUNT_STATES = ("active", "frozen", "banned")
+FILTER_ACTIONS = ("block", "spam")  # both keep the message from the agent; the trace says which
 
 
 class ModelError(ValueError):
@@ -34,7 +35,10 @@ class BusinessHours:
             return None
         if not isinstance(value, dict) or set(value) != {"start", "end"}:
             raise ModelError("business_hours must be null or {start: 'HH:MM', end: 'HH:MM'}")
-        return cls(_minute(value["start"]), _minute(value["end"]))
+        start, end = _minute(value["start"]), _minute(value["end"])
+        if start == end:
+            raise ModelError("business_hours start and end are equal; use null for always open")
+        return cls(start, end)
 
     def contains(self, now: dt.datetime) -> bool:
         minute = now.hour * 60 + now.minute
@@ -233,8 +237,9 @@ def apply_shop_fields(shop: Shop, data: dict[str, Any], where: str) -> None:
             for i, item in enumerate(value):
                 if not isinstance(item, dict) or "keyword" not in item:
                     raise ModelError(f"{place}[{i}] must have a keyword")
-                rules.append(FilterRule(_str(item["keyword"], f"{place}[{i}].keyword"),
-                                        str(item.get("action", "block"))))
+                action = _choice(item.get("action", "block"), FILTER_ACTIONS,
+                                 f"{place}[{i}].action")
+                rules.append(FilterRule(_str(item["keyword"], f"{place}[{i}].keyword"), action))
             shop.filters = rules
         elif key == "agents":
             if not isinstance(value, dict):

@@ -139,13 +139,13 @@ class Store:
             (conversation, status)).fetchall()
         return [MessageRow(*r) for r in rows]
 
-    def agent_backlog(self, agent: str, after_id: int) -> list[MessageRow]:
+    def agent_backlog(self, shop: str, agent: str, after_id: int) -> list[MessageRow]:
         """Customer messages routed to ``agent`` that a resuming client may not have seen."""
         rows = self.db.execute(
             "SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation"
-            " WHERE m.agent=? AND m.id>? AND m.direction='in' AND m.status IN"
+            " WHERE c.shop=? AND m.agent=? AND m.id>? AND m.direction='in' AND m.status IN"
             " ('accepted', 'assigned', 'pushed') ORDER BY m.id",
-            (agent, after_id)).fetchall()
+            (shop, agent, after_id)).fetchall()
         return [MessageRow(*r) for r in rows]
 
     def customer_backlog(self, shop: str, customer: str, after_id: int) -> list[MessageRow]:
