@@ -8,21 +8,16 @@ the service deduplicates them, so a reconnect creates neither loss nor duplicate
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-import websockets
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.asyncio.client import ClientConnection
 
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import AgentSelf, Cause
-from chatprobe.errors import HarnessError, TargetError
+from chatprobe.errors import TargetError
 from chatprobe.protocols import wire
 from chatprobe.protocols.base import (
     Ack,
@@ -35,6 +30,7 @@ from chatprobe.protocols.base import (
     OnReceive,
     register,
 )
+from chatprobe.protocols.link import ReconnectingLink, SeenIds
 
 LOGIN_ERRORS = {
     wire.ERR_AUTH_FAILED: Cause.AUTH_REJECTED,
@@ -42,8 +38,6 @@ LOGIN_ERRORS = {
     wire.ERR_ACCOUNT_FROZEN: Cause.ACCOUNT_FROZEN,
     wire.ERR_UNKNOWN_SHOP: Cause.AUTH_REJECTED,
 }
-
-SEEN_IDS_LIMIT = 200_000  # message ids remembered per connection for replay deduplication
 
 # The reference service's trace words -> causes (its queue reasons and message statuses).
 QUEUE_REASONS = {
@@ -80,172 +74,71 @@ def websocket_url(target_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", "", ""))
 
 
-class _Link:
-    """One logical client connection that survives reconnects."""
+class _Link(ReconnectingLink):
+    """One reference-protocol client connection: hello/welcome, acks, resume by message id."""
 
     def __init__(self, adapter: ReferenceAdapter, hello: wire.Frame,
                  on_frame: Callable[[wire.Frame], None], on_event: OnEvent) -> None:
-        self.adapter = adapter
+        super().__init__(adapter.ws_url, adapter.config, on_event)
         self.hello = hello
         self.on_frame = on_frame
-        self.on_event = on_event
-        self.ws: ClientConnection | None = None
         self.welcome: wire.Frame = {}
         self.last_id: int | None = None
         self.unacked: dict[str, wire.Frame] = {}
-        self.ack_futures: dict[str, asyncio.Future[Ack]] = {}
-        self.waiters: dict[tuple[str, str], asyncio.Future[wire.Frame]] = {}
-        self.dead: TargetError | None = None
-        self.closing = False
-        # Ids already passed on: a resume may replay frames that were in flight; the harness
-        # must not count its own reconnect as the platform duplicating messages.
-        self.seen_ids: set[int] = set()
-        self.seen_order: deque[int] = deque()
-        self.reader: asyncio.Task[None] | None = None
-        self._closer: asyncio.Task[None] | None = None
+        # A resume may replay frames that were in flight; the harness must not count its own
+        # reconnect as the platform duplicating messages.
+        self.seen = SeenIds()
 
-    async def start(self) -> None:
-        await self._connect(resume=False)
-        self.reader = asyncio.get_running_loop().create_task(self._read_forever())
-
-    async def _connect(self, resume: bool) -> None:
-        config = self.adapter.config
+    async def handshake(self, ws: ClientConnection, resume: bool) -> None:
         hello = dict(self.hello)
         if resume and self.last_id is not None:
             hello["resume_after"] = self.last_id
+        await ws.send(wire.encode(hello))
         try:
-            ws = await connect(self.adapter.ws_url, open_timeout=config.connect_timeout_s,
-                               compression=None, max_size=1 << 20, ping_interval=10,
-                               ping_timeout=10, close_timeout=2)
-        except InvalidURI as exc:
-            raise HarnessError(f"malformed target URL: {exc}") from None
-        except InvalidStatus as exc:
-            raise TargetError(Cause.TRANSPORT, f"WebSocket upgrade refused: HTTP "
-                                               f"{exc.response.status_code}") from None
-        except InvalidHandshake as exc:
-            raise TargetError(Cause.PROTOCOL, f"WebSocket handshake failed: {exc}") from None
-        except (OSError, TimeoutError) as exc:
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-                str(exc) or type(exc).__name__)
-            raise TargetError(Cause.TRANSPORT, f"{self.adapter.ws_url}: {detail}") from None
-        try:
-            await ws.send(wire.encode(hello))
-            async with asyncio.timeout(config.connect_timeout_s):
-                raw = await ws.recv()
-            frame = wire.decode(raw)
+            frame = wire.decode(await self.recv_login(ws))
         except wire.ProtocolError as exc:
-            await ws.close()
             raise TargetError(Cause.PROTOCOL, f"reply to hello: {exc}") from None
-        except (ConnectionClosed, TimeoutError, OSError):
-            await ws.close()
-            raise TargetError(Cause.TRANSPORT, "connection closed before the welcome") from None
         if frame["type"] == "error":
-            await ws.close()
             code = str(frame.get("code"))
             cause = LOGIN_ERRORS.get(code, Cause.PROTOCOL if code == wire.ERR_BAD_FRAME
                                      else Cause.AUTH_REJECTED)
             raise TargetError(cause, f"login refused: {code} ({frame.get('message', '')})")
         if frame["type"] != "welcome":
-            await ws.close()
             raise TargetError(Cause.PROTOCOL, f"expected welcome, got {frame['type']!r}")
-        self.ws = ws
         self.welcome = frame
         # Resend what the service may never have received; it deduplicates by client id.
         for pending in list(self.unacked.values()):
             await ws.send(wire.encode(pending))
 
-    async def _read_forever(self) -> None:
-        while not self.closing:
-            ws = self.ws
-            assert ws is not None
-            try:
-                async for raw in ws:
-                    try:
-                        frame = wire.decode(raw)
-                    except wire.ProtocolError as exc:
-                        self._die(TargetError(Cause.PROTOCOL, f"bad frame from target: {exc}"))
-                        await ws.close()
-                        return
-                    self._dispatch(frame)
-            except ConnectionClosed:
-                pass
-            if self.closing or self.dead is not None:
-                return
-            self.on_event("disconnected", "connection closed by the target or network")
-            if not await self._reconnect():
-                return
-
-    async def _reconnect(self) -> bool:
-        window = self.adapter.config.reconnect_window_s
-        give_up_at = time.monotonic() + window
-        delay = 0.05
-        last_error: TargetError | None = None
-        while time.monotonic() < give_up_at and not self.closing:
-            try:
-                await self._connect(resume=True)
-            except TargetError as exc:
-                last_error = exc
-                if exc.cause in (Cause.AUTH_REJECTED, Cause.SESSION_EXPIRED,
-                                 Cause.ACCOUNT_FROZEN, Cause.PROTOCOL):
-                    break  # permanent: retrying will not help
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            self.on_event("resumed", f"resumed after id {self.last_id}")
-            return True
-        self._die(last_error or TargetError(Cause.DISCONNECTED, "gave up reconnecting"))
-        return False
-
-    def _remember(self, message_id: int) -> None:
-        self.seen_ids.add(message_id)
-        self.seen_order.append(message_id)
-        if len(self.seen_order) > SEEN_IDS_LIMIT:
-            self.seen_ids.discard(self.seen_order.popleft())
-
-    def _die(self, error: TargetError) -> None:
-        if self.dead is None:
-            self.dead = error
-            self.on_event("dead", str(error))
-            if self.ws is not None:
-                # Hang up our side too: a dead session must not hold a socket open.
-                self._closer = asyncio.get_running_loop().create_task(self.ws.close())
-        for future in list(self.ack_futures.values()) + list(self.waiters.values()):
-            if not future.done():
-                future.set_exception(error)
-        self.ack_futures.clear()
-        self.waiters.clear()
-
-    def _dispatch(self, frame: wire.Frame) -> None:
+    def on_raw(self, raw: str | bytes) -> None:
+        try:
+            frame = wire.decode(raw)
+        except wire.ProtocolError as exc:
+            raise TargetError(Cause.PROTOCOL, f"bad frame from target: {exc}") from None
         kind = frame["type"]
         if kind == "ack":
             key = str(frame.get("client_msg_id"))
             self.unacked.pop(key, None)
-            future = self.ack_futures.pop(key, None)
-            if future is not None and not future.done():
-                future.set_result(Ack(str(frame.get("id")), frame.get("ts")))
+            self.resolve_ack(key, Ack(str(frame.get("id")), frame.get("ts")))
             return
         if kind == "message":
             message_id = frame.get("id")
             if isinstance(message_id, int):
-                if message_id in self.seen_ids:
+                if not self.seen.first_time(message_id):
                     return
-                self._remember(message_id)
                 if self.last_id is None or message_id > self.last_id:
                     self.last_id = message_id
         elif kind == "error":
             code = str(frame.get("code"))
             if code in LOGIN_ERRORS:
-                self._die(TargetError(LOGIN_ERRORS[code], f"session ended by target: {code}"))
-                return
-            refused = self.ack_futures.pop(str(frame.get("client_msg_id")), None)
-            if refused is not None:
-                self.unacked.pop(str(frame.get("client_msg_id")), None)
-                if not refused.done():
-                    refused.set_exception(TargetError(
-                        Cause.NOT_ACCEPTED, f"{code}: {frame.get('message', '')}"))
+                raise TargetError(LOGIN_ERRORS[code], f"session ended by target: {code}")
+            key = str(frame.get("client_msg_id"))
+            if self.refuse_ack(key, TargetError(Cause.NOT_ACCEPTED,
+                                                f"{code}: {frame.get('message', '')}")):
+                self.unacked.pop(key, None)
                 return
             self.on_event("error", f"{code}: {frame.get('message', '')}")
-        waiter = self.waiters.pop((kind, str(frame.get("ref", ""))), None)
+        waiter = self.other_futures.pop((kind, str(frame.get("ref", ""))), None)
         if waiter is not None and not waiter.done():
             waiter.set_result(frame)
             return
@@ -253,38 +146,17 @@ class _Link:
 
     async def request(self, frame: wire.Frame, reply_type: str, ref: str) -> wire.Frame:
         future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
-        self.waiters[(reply_type, ref)] = future
-        await self.write(frame)
-        async with asyncio.timeout(self.adapter.config.connect_timeout_s):
+        self.other_futures[(reply_type, ref)] = future
+        await self.write(wire.encode(frame))
+        async with asyncio.timeout(self.config.connect_timeout_s):
             return await future
 
     async def send_acked(self, frame: wire.Frame, client_msg_id: str) -> asyncio.Future[Ack]:
-        future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
-        if self.dead is not None:
-            future.set_exception(self.dead)
-            return future
-        self.ack_futures[client_msg_id] = future
-        self.unacked[client_msg_id] = frame
-        with contextlib.suppress(ConnectionClosed):
-            # While disconnected the frame waits in `unacked` and goes out on resume.
-            await self.write(frame)
+        future = self.new_ack(client_msg_id)
+        if self.dead is None:
+            self.unacked[client_msg_id] = frame
+            await self.write_or_hold(wire.encode(frame))
         return future
-
-    async def write(self, frame: wire.Frame) -> None:
-        if self.dead is not None:
-            raise self.dead
-        ws = self.ws
-        assert ws is not None
-        await ws.send(wire.encode(frame))
-
-    async def close(self) -> None:
-        self.closing = True
-        if self.ws is not None:
-            await self.ws.close()
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.reader
 
 
 class _ReferenceCustomer(CustomerSession):
@@ -429,4 +301,4 @@ def explain_trace(trace: dict[str, Any], probe_agents: frozenset[str]) -> Explan
     return Explanation(None, status, hops)
 
 
-__all__ = ["ReferenceAdapter", "explain_trace", "websocket_url", "websockets"]
+__all__ = ["ReferenceAdapter", "explain_trace", "websocket_url"]

@@ -1,0 +1,222 @@
+"""A WebSocket client connection that survives reconnects: shared by WebSocket adapters.
+
+Subclasses say how to log in (:meth:`ReconnectingLink.handshake`) and what to do with each
+frame (:meth:`ReconnectingLink.on_raw`); this class owns connecting, error mapping to
+diagnosis causes, the reader task, reconnect with back-off inside the target's
+``reconnect_window_s``, and failing every waiting future when the link dies for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Hashable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.typing import Subprotocol
+
+from chatprobe.config import TargetConfig
+from chatprobe.diagnosis import Cause
+from chatprobe.errors import HarnessError, TargetError
+from chatprobe.protocols.base import Ack, OnEvent
+
+# Causes a retry cannot cure: the link gives up at once instead of hammering the target.
+PERMANENT = frozenset({Cause.AUTH_REJECTED, Cause.SESSION_EXPIRED, Cause.ACCOUNT_FROZEN,
+                       Cause.PROTOCOL})
+
+
+async def open_websocket(url: str, config: TargetConfig,
+                         subprotocols: list[str] | None = None) -> ClientConnection:
+    """Connect, turning every failure into a HarnessError (our fault) or TargetError."""
+    try:
+        return await connect(
+            url, open_timeout=config.connect_timeout_s, compression=None, max_size=1 << 20,
+            ping_interval=10, ping_timeout=10, close_timeout=2,
+            subprotocols=[Subprotocol(p) for p in subprotocols] if subprotocols else None)
+    except InvalidURI as exc:
+        raise HarnessError(f"malformed target URL: {exc}") from None
+    except InvalidStatus as exc:
+        raise TargetError(Cause.TRANSPORT, f"WebSocket upgrade refused: HTTP "
+                                           f"{exc.response.status_code}") from None
+    except InvalidHandshake as exc:
+        raise TargetError(Cause.PROTOCOL, f"WebSocket handshake failed: {exc}") from None
+    except (OSError, TimeoutError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            str(exc) or type(exc).__name__)
+        raise TargetError(Cause.TRANSPORT, f"{url}: {detail}") from None
+
+
+class SeenIds:
+    """A bounded set of ids already passed to the harness, oldest forgotten first."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._ids: set[Hashable] = set()
+        self._order: deque[Hashable] = deque()
+
+    def first_time(self, key: Hashable) -> bool:
+        """True the first time ``key`` is seen (and remembers it)."""
+        if key in self._ids:
+            return False
+        self._ids.add(key)
+        self._order.append(key)
+        if len(self._order) > self.limit:
+            self._ids.discard(self._order.popleft())
+        return True
+
+
+class ReconnectingLink(ABC):
+    def __init__(self, url: str, config: TargetConfig, on_event: OnEvent,
+                 subprotocols: list[str] | None = None) -> None:
+        self.url = url
+        self.config = config
+        self.on_event = on_event
+        self.subprotocols = subprotocols
+        self.ws: ClientConnection | None = None
+        self.dead: TargetError | None = None
+        self.closing = False
+        self.ack_futures: dict[str, asyncio.Future[Ack]] = {}
+        self.other_futures: dict[Hashable, asyncio.Future[Any]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+
+    # -- what a protocol provides ------------------------------------------------------
+
+    @abstractmethod
+    async def handshake(self, ws: ClientConnection, resume: bool) -> None:
+        """Log in on a fresh connection; raise TargetError if refused. On ``resume``, also
+        resend whatever was not acknowledged before the connection dropped."""
+
+    @abstractmethod
+    def on_raw(self, raw: str | bytes) -> None:
+        """Handle one frame from the target; raise TargetError(PROTOCOL) for garbage."""
+
+    async def goodbye(self, ws: ClientConnection) -> None:  # noqa: B027 - optional hook
+        """Say goodbye in the protocol before the socket closes (optional)."""
+
+    # -- the machinery -----------------------------------------------------------------
+
+    async def _open(self, resume: bool) -> None:
+        ws = await open_websocket(self.url, self.config, self.subprotocols)
+        try:
+            await self.handshake(ws, resume)
+        except (ConnectionClosed, OSError):
+            await ws.close()
+            raise TargetError(Cause.TRANSPORT, "connection closed during login") from None
+        except TimeoutError:
+            await ws.close()
+            raise TargetError(Cause.TRANSPORT, "no answer during login") from None
+        except BaseException:
+            await ws.close()
+            raise
+        self.ws = ws
+
+    async def start(self) -> None:
+        await self._open(resume=False)
+        self.reader = asyncio.get_running_loop().create_task(self._read_forever())
+
+    async def recv_login(self, ws: ClientConnection) -> str | bytes:
+        """One frame during login, bounded by the connect timeout."""
+        async with asyncio.timeout(self.config.connect_timeout_s):
+            return await ws.recv()
+
+    async def _read_forever(self) -> None:
+        while not self.closing:
+            ws = self.ws
+            assert ws is not None
+            try:
+                async for raw in ws:
+                    try:
+                        self.on_raw(raw)
+                    except TargetError as exc:
+                        self.die(exc)
+                        return
+            except ConnectionClosed:
+                pass
+            if self.closing or self.dead is not None:
+                return
+            self.on_event("disconnected", "connection closed by the target or network")
+            if not await self._reconnect():
+                return
+
+    async def _reconnect(self) -> bool:
+        give_up_at = time.monotonic() + self.config.reconnect_window_s
+        delay = 0.05
+        last_error: TargetError | None = None
+        while time.monotonic() < give_up_at and not self.closing:
+            try:
+                await self._open(resume=True)
+            except TargetError as exc:
+                last_error = exc
+                if exc.cause in PERMANENT:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self.on_event("resumed", "reconnected")
+            return True
+        self.die(last_error or TargetError(Cause.DISCONNECTED, "gave up reconnecting"))
+        return False
+
+    def die(self, error: TargetError) -> None:
+        """The link is gone for good: fail everything waiting on it and hang up."""
+        if self.dead is None:
+            self.dead = error
+            self.on_event("dead", str(error))
+            if self.ws is not None:
+                self._closer = asyncio.get_running_loop().create_task(self.ws.close())
+        waiting = list(self.ack_futures.values()) + list(self.other_futures.values())
+        self.ack_futures.clear()
+        self.other_futures.clear()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+    def resolve_ack(self, key: str, ack: Ack) -> None:
+        future = self.ack_futures.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(ack)
+
+    def refuse_ack(self, key: str, error: TargetError) -> bool:
+        future = self.ack_futures.pop(key, None)
+        if future is None:
+            return False
+        if not future.done():
+            future.set_exception(error)
+        return True
+
+    def new_ack(self, key: str) -> asyncio.Future[Ack]:
+        future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        if self.dead is not None:
+            future.set_exception(self.dead)
+        else:
+            self.ack_futures[key] = future
+        return future
+
+    async def write(self, text: str) -> None:
+        if self.dead is not None:
+            raise self.dead
+        ws = self.ws
+        assert ws is not None
+        await ws.send(text)
+
+    async def write_or_hold(self, text: str) -> None:
+        """Write now; while disconnected, keep quiet: handshake(resume=True) resends."""
+        with contextlib.suppress(ConnectionClosed):
+            await self.write(text)
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.ws is not None:
+            with contextlib.suppress(ConnectionClosed, OSError):
+                await self.goodbye(self.ws)
+            await self.ws.close()
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
