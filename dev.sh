@@ -30,6 +30,43 @@ ensure_venv() {
     echo "$want" > "$VENV/.chatprobe-installed"
 }
 
+# Third-party chat servers the test suite probes (docs: shared design real-targets.md).
+TEST_DEBIAN_PACKAGES=(prosody)
+
+ensure_debian_packages() {
+    local missing=()
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$package")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return
+    local sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        if ! command -v sudo >/dev/null; then
+            echo "chatprobe: cannot install ${missing[*]} (not root, no sudo); their tests will be skipped" >&2
+            return
+        fi
+        sudo=(sudo)
+    fi
+    echo "chatprobe: installing Debian packages ${missing[*]} (log: $VENV/apt.log)" >&2
+    # Keep the packages' own system services from starting on their default ports: tests
+    # run their own instances on loopback.
+    local created_policy=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+        "${sudo[@]}" chmod +x /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -y -q)
+    if ! "${apt[@]}" install --no-install-recommends "${missing[@]}" >> "$VENV/apt.log" 2>&1; then
+        "${apt[@]}" update >> "$VENV/apt.log" 2>&1 || true
+        "${apt[@]}" install --no-install-recommends "${missing[@]}" >> "$VENV/apt.log" 2>&1 \
+            || { tail -n 20 "$VENV/apt.log" >&2; echo "chatprobe: apt-get failed" >&2; exit 3; }
+    fi
+    [[ $created_policy -eq 1 ]] && "${sudo[@]}" rm -f /usr/sbin/policy-rc.d
+    return 0
+}
+
 command=${1:-}
 shift || true
 case "$command" in
@@ -39,6 +76,7 @@ case "$command" in
         ;;
     test)
         ensure_venv "[test]"
+        ensure_debian_packages "${TEST_DEBIAN_PACKAGES[@]}"
         "$VENV/bin/ruff" check chatprobe tests
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest -n "${CHATPROBE_TEST_WORKERS:-auto}" "$@"

@@ -1,0 +1,82 @@
+"""The XMPP adapter against real Prosody on loopback (issue 3): same probe, no core changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chatprobe.config import AgentCredential
+from chatprobe.errors import TargetError
+from chatprobe.probe import ProbeHooks, ProbeOptions, run_probe
+from chatprobe.protocols.xmpp import parse_frame
+from chatprobe.verdict import RunSummary, Status
+from tests.conftest import ROOT, scaled
+from tests.servers import ProsodyServer
+from tests.test_cli import chatprobe
+
+
+@pytest.fixture
+def prosody(tmp_path: Path) -> Iterator[ProsodyServer]:
+    server = ProsodyServer(tmp_path / "prosody").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def probe(server: ProsodyServer, messages: int, customers: int, rate: float = 1000.0,
+          hooks: ProbeHooks | None = None, **changes: object) -> RunSummary:
+    options = ProbeOptions(messages=messages, customers=customers, rate_per_s=rate)
+    return asyncio.run(asyncio.wait_for(
+        run_probe(server.url, server.target_config(**changes), options, hooks),
+        timeout=scaled(120)))
+
+
+def test_2000_stamped_messages_through_prosody_all_delivered(prosody: ProsodyServer,
+                                                             tmp_path: Path) -> None:
+    # The shipped target config, pointed at this test's server: what a user would run.
+    config = yaml.safe_load((ROOT / "fixtures" / "targets" / "prosody.yaml").read_text())
+    assert config["agents"] == [{"id": a.id, "token": a.token} for a in prosody.agents]
+    config_path = tmp_path / "prosody.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = chatprobe("probe", "--target", prosody.url, "--config", str(config_path),
+                       "--messages", "2000", "--customers", "20", "--rate", "1000",
+                       "--json", str(tmp_path / "out.json"), "--quiet")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "p50" in result.stdout and "p99" in result.stdout
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["sent"] == doc["delivered"] == 2000, doc
+    for key in ("late", "lost", "duplicate", "reordered", "misrouted", "forged"):
+        assert doc[key] == 0, key
+    assert doc["latency_ms"]["count"] == 2000 and doc["latency_ms"]["p99"] > 0
+
+
+def test_killing_prosody_mid_run_reports_transport_loss_exit_2(prosody: ProsodyServer) -> None:
+    async def kill_server(sent: int) -> None:
+        if sent == 100:
+            prosody.kill()
+
+    summary = probe(prosody, 400, 10, rate=400.0, hooks=ProbeHooks(after_send=kill_server))
+    counts = summary.counts
+    assert counts.sent == counts.delivered + counts.late + counts.lost  # nothing silently missing
+    assert counts.lost >= 300  # everything sent after the kill
+    lost_causes = {d.cause.value for outcome, d in summary.diagnoses if outcome == "lost"}
+    assert lost_causes <= {"transport.unreachable", "transport.disconnected"}, lost_causes
+    assert summary.status() is Status.CRITICAL  # exit 2
+
+
+def test_wrong_password_is_an_auth_diagnosis(prosody: ProsodyServer) -> None:
+    summary = probe(prosody, 10, 1, agents=(AgentCredential("agent1", "wrong"),))
+    assert summary.fatal is not None and summary.fatal.cause.value == "auth.rejected"
+    assert "not-authorized" in summary.fatal.detail
+
+
+def test_garbage_is_a_protocol_error() -> None:
+    with pytest.raises(TargetError) as caught:
+        parse_frame("<message><body>unclosed")
+    assert caught.value.cause.value == "protocol.invalid_frames"
