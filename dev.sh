@@ -31,7 +31,7 @@ ensure_venv() {
 }
 
 # Third-party chat servers the test suite probes (docs: shared design real-targets.md).
-TEST_DEBIAN_PACKAGES=(prosody)
+TEST_DEBIAN_PACKAGES=(prosody ejabberd)
 
 ensure_debian_packages() {
     local missing=()

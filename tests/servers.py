@@ -8,11 +8,18 @@ skipped elsewhere, saying why.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -134,12 +141,153 @@ VirtualHost "{DOMAIN}"
         return f"http://127.0.0.1:{self.http_port}"
 
     def target_config(self, **changes: object) -> TargetConfig:
-        values: dict[str, object] = {
-            "protocol": "xmpp", "shop": DOMAIN, "agents": tuple(self.agents),
-            "sla_ms": 2000.0, "deadline_ms": 4000.0, "reconnect_window_s": 2.0,
-            "extra": {"domain": DOMAIN, "websocket_path": "/xmpp-websocket",
-                      "customers": {"prefix": "customer", "count": self.customers,
-                                    "password": CUSTOMER_PASSWORD}},
-        }
-        values.update(changes)
-        return TargetConfig(**values)  # type: ignore[arg-type]
+        config = xmpp_target(self.agents, self.customers, "/xmpp-websocket")
+        return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+class EjabberdServer:
+    """ejabberd 23.01: WebSocket at /ws, accounts made through its HTTP API, no epmd.
+
+    ejabberd drops root and runs as the `ejabberd` user, so its folder lives outside pytest's
+    private tmp tree (which that user cannot enter) and is removed by :meth:`stop`.
+    """
+
+    def __init__(self, agents: int = 2, customers: int = 20) -> None:
+        self.agents = [AgentCredential(f"agent{i}", f"agent{i}-secret")
+                       for i in range(1, agents + 1)]
+        self.customers = customers
+        self.http_port = free_port()
+        self.dist_port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="chatprobe-ejabberd-"))
+        self.log = self.folder / "stdout.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.node = f"chatprobe{self.http_port}@localhost"
+
+    def write_config(self) -> None:
+        for sub in ("logs", "spool"):
+            (self.folder / sub).mkdir(exist_ok=True)
+        (self.folder / "ejabberd.yml").write_text(f"""
+hosts: [{DOMAIN}]
+loglevel: warning
+certfiles: []
+listen:
+  - port: {self.http_port}
+    ip: "127.0.0.1"
+    module: ejabberd_http
+    request_handlers:
+      /ws: ejabberd_http_ws
+      /api: mod_http_api
+api_permissions:
+  "loopback admin":
+    from: [ejabberd_ctl, mod_http_api]
+    who:
+      ip: 127.0.0.0/8
+    what: "*"
+auth_method: internal
+auth_password_format: plain
+shaper: {{}}
+shaper_rules: {{}}
+modules:
+  mod_stream_mgmt: {{}}
+  mod_ping: {{}}
+  mod_offline: {{}}
+  mod_roster: {{}}
+  mod_disco: {{}}
+  mod_http_api: {{}}
+""")
+        # Erlang distribution on loopback at a fixed port, so no epmd daemon is left behind.
+        (self.folder / "ejabberdctl.cfg").write_text(
+            f"INET_DIST_INTERFACE=127.0.0.1\nERL_DIST_PORT={self.dist_port}\n")
+        os.chmod(self.folder, 0o755)
+        user = pwd.getpwnam("ejabberd")
+        for path in [self.folder, *self.folder.rglob("*")]:
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+    def api(self, command: str, body: dict[str, str]) -> object:
+        request = urllib.request.Request(f"{self.url}/api/{command}",
+                                         data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=scaled(10)) as response:
+            return json.loads(response.read())
+
+    def start(self) -> EjabberdServer:
+        ejabberdctl = require_binary("ejabberdctl")
+        first = self.proc is None
+        if first:
+            self.write_config()
+        command = [ejabberdctl, "--config", str(self.folder / "ejabberd.yml"),
+                   "--ctl-config", str(self.folder / "ejabberdctl.cfg"),
+                   "--logs", str(self.folder / "logs"), "--spool", str(self.folder / "spool"),
+                   "--node", self.node, "foreground"]
+        with self.log.open("ab") as log:
+            # Its own process group: ejabberdctl -> erl -> beam.smp all stop together.
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd=self.folder)
+        wait_for_port(self.http_port, self.proc, "ejabberd", self.log)
+        if first:
+            for agent in self.agents:
+                self.api("register", {"user": agent.id, "host": DOMAIN,
+                                      "password": agent.token})
+            for i in range(1, self.customers + 1):
+                self.api("register", {"user": f"customer{i}", "host": DOMAIN,
+                                      "password": CUSTOMER_PASSWORD})
+        return self
+
+    def _vm_pids(self) -> list[int]:
+        """The Erlang VM runs as the ejabberd user in a session of its own (su): find it by
+        its node name, since signals to ejabberdctl's process group do not reach it."""
+        pids = []
+        for proc_dir in Path("/proc").iterdir():
+            if not proc_dir.name.isdigit():
+                continue
+            try:
+                cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if self.node.encode() in cmdline:
+                pids.append(int(proc_dir.name))
+        return pids
+
+    def _signal(self, sig: signal.Signals) -> None:
+        for pid in self._vm_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=scaled(15))
+        except subprocess.TimeoutExpired:
+            for pid in self._vm_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=scaled(10))
+        # ejabberdctl returns when the VM is gone; make sure no VM of this node is left.
+        deadline = time.monotonic() + scaled(10)
+        while self._vm_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not self._vm_pids(), f"ejabberd node {self.node} is still running"
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def target_config(self, **changes: object) -> TargetConfig:
+        config = xmpp_target(self.agents, self.customers, "/ws")
+        return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+
+
+def xmpp_target(agents: list[AgentCredential], customers: int,
+                websocket_path: str) -> TargetConfig:
+    return TargetConfig(
+        protocol="xmpp", shop=DOMAIN, agents=tuple(agents), sla_ms=2000.0, deadline_ms=4000.0,
+        reconnect_window_s=2.0,
+        extra={"domain": DOMAIN, "websocket_path": websocket_path,
+               "customers": {"prefix": "customer", "count": customers,
+                             "password": CUSTOMER_PASSWORD}})

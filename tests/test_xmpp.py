@@ -16,8 +16,10 @@ from chatprobe.probe import ProbeHooks, ProbeOptions, run_probe
 from chatprobe.protocols.xmpp import parse_frame
 from chatprobe.verdict import RunSummary, Status
 from tests.conftest import ROOT, scaled
-from tests.servers import ProsodyServer
+from tests.servers import EjabberdServer, ProsodyServer
 from tests.test_cli import chatprobe
+
+XmppServer = ProsodyServer | EjabberdServer
 
 
 @pytest.fixture
@@ -29,7 +31,19 @@ def prosody(tmp_path: Path) -> Iterator[ProsodyServer]:
         server.stop()
 
 
-def probe(server: ProsodyServer, messages: int, customers: int, rate: float = 1000.0,
+@pytest.fixture(params=["prosody", "ejabberd"])
+def xmpp_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[XmppServer]:
+    """Two independent servers of one protocol: the same probe must pass on both."""
+    server: XmppServer = (ProsodyServer(tmp_path / "prosody") if request.param == "prosody"
+                          else EjabberdServer())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def probe(server: XmppServer, messages: int, customers: int, rate: float = 1000.0,
           hooks: ProbeHooks | None = None, **changes: object) -> RunSummary:
     options = ProbeOptions(messages=messages, customers=customers, rate_per_s=rate)
     return asyncio.run(asyncio.wait_for(
@@ -56,12 +70,13 @@ def test_2000_stamped_messages_through_prosody_all_delivered(prosody: ProsodySer
     assert doc["latency_ms"]["count"] == 2000 and doc["latency_ms"]["p99"] > 0
 
 
-def test_killing_prosody_mid_run_reports_transport_loss_exit_2(prosody: ProsodyServer) -> None:
+def test_killing_the_server_mid_run_reports_transport_loss_exit_2(
+        xmpp_server: XmppServer) -> None:
     async def kill_server(sent: int) -> None:
         if sent == 100:
-            prosody.kill()
+            await asyncio.to_thread(xmpp_server.kill)
 
-    summary = probe(prosody, 400, 10, rate=400.0, hooks=ProbeHooks(after_send=kill_server))
+    summary = probe(xmpp_server, 400, 10, rate=400.0, hooks=ProbeHooks(after_send=kill_server))
     counts = summary.counts
     assert counts.sent == counts.delivered + counts.late + counts.lost  # nothing silently missing
     assert counts.lost >= 300  # everything sent after the kill
@@ -70,8 +85,14 @@ def test_killing_prosody_mid_run_reports_transport_loss_exit_2(prosody: ProsodyS
     assert summary.status() is Status.CRITICAL  # exit 2
 
 
-def test_wrong_password_is_an_auth_diagnosis(prosody: ProsodyServer) -> None:
-    summary = probe(prosody, 10, 1, agents=(AgentCredential("agent1", "wrong"),))
+def test_same_probe_passes_on_both_servers(xmpp_server: XmppServer) -> None:
+    summary = probe(xmpp_server, 1000, 20)
+    assert summary.counts.delivered == 1000, summary.to_json()
+    assert summary.status() is Status.OK
+
+
+def test_wrong_password_is_an_auth_diagnosis(xmpp_server: XmppServer) -> None:
+    summary = probe(xmpp_server, 10, 1, agents=(AgentCredential("agent1", "wrong"),))
     assert summary.fatal is not None and summary.fatal.cause.value == "auth.rejected"
     assert "not-authorized" in summary.fatal.detail
 
