@@ -113,7 +113,8 @@ def test_urls(target: str, ws_url: str, http_base: str) -> None:
 def test_adapter_lookup_by_name_and_by_module_path() -> None:
     assert adapter_for("reference") is ReferenceAdapter
     assert adapter_for("chatprobe.protocols.reference:ReferenceAdapter") is ReferenceAdapter
-    for bad in ("nope", "no.such.module:Thing", "chatprobe.protocols.reference:websocket_url"):
+    for bad in ("nope", "no.such.module:Thing", "chatprobe.protocols.reference:websocket_url",
+                ":X", "chatprobe.protocols.base:Adapter"):
         with pytest.raises(HarnessError):
             adapter_for(bad)
 
@@ -127,3 +128,22 @@ def test_adapter_lookup_by_name_and_by_module_path() -> None:
 ])
 def test_trace_mapping(trace: dict[str, object], cause: Cause | None) -> None:
     assert explain_trace(trace, frozenset({"p"})).cause is cause
+
+
+def test_refused_open_fails_at_once_with_not_accepted() -> None:
+    async def script(ws: ServerConnection) -> None:
+        async for raw in ws:
+            frame = json.loads(raw)
+            await ws.send(json.dumps({"type": "error", "code": "bad_frame",
+                                      "message": "no", "ref": frame["ref"]}))
+
+    async def body(url: str) -> None:
+        config = TargetConfig(agents=CONFIG.agents, connect_timeout_s=60)
+        customer = await ReferenceAdapter(url, config).connect_customer(
+            "c", lambda t, i: None, lambda k, d: None)
+        with pytest.raises(TargetError) as caught:
+            await customer.open_conversation("r1", "web")  # not a 60 s timeout
+        assert caught.value.cause is Cause.NOT_ACCEPTED
+        await customer.close()
+
+    asyncio.run(with_server(script, body))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,11 +130,12 @@ def adapter_for(protocol: str) -> type[Adapter]:
         module_name, _, class_name = protocol.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise HarnessError(f"cannot import adapter module {module_name!r}: {exc}") from None
+        except Exception as exc:  # any import failure of a user's module is a config error
+            raise HarnessError(f"cannot import adapter module {module_name!r}: "
+                               f"{type(exc).__name__}: {exc}") from None
         cls = getattr(module, class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-            raise HarnessError(f"{protocol!r} is not an Adapter subclass")
+        if not (isinstance(cls, type) and issubclass(cls, Adapter)) or inspect.isabstract(cls):
+            raise HarnessError(f"{protocol!r} is not a concrete Adapter subclass")
         return cls
     try:
         return _REGISTRY[protocol]

@@ -132,10 +132,15 @@ class _Link(ReconnectingLink):
             code = str(frame.get("code"))
             if code in LOGIN_ERRORS:
                 raise TargetError(LOGIN_ERRORS[code], f"session ended by target: {code}")
+            refusal = TargetError(Cause.NOT_ACCEPTED, f"{code}: {frame.get('message', '')}")
             key = str(frame.get("client_msg_id"))
-            if self.refuse_ack(key, TargetError(Cause.NOT_ACCEPTED,
-                                                f"{code}: {frame.get('message', '')}")):
+            if self.refuse_ack(key, refusal):
                 self.unacked.pop(key, None)
+                return
+            opening = self.other_futures.pop(("opened", str(frame.get("ref", ""))), None)
+            if opening is not None:
+                if not opening.done():
+                    opening.set_exception(refusal)
                 return
             self.on_event("error", f"{code}: {frame.get('message', '')}")
         waiter = self.other_futures.pop((kind, str(frame.get("ref", ""))), None)
@@ -146,10 +151,14 @@ class _Link(ReconnectingLink):
 
     async def request(self, frame: wire.Frame, reply_type: str, ref: str) -> wire.Frame:
         future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
-        self.other_futures[(reply_type, ref)] = future
-        await self.write(wire.encode(frame))
-        async with asyncio.timeout(self.config.connect_timeout_s):
-            return await future
+        key = (reply_type, ref)
+        self.other_futures[key] = future
+        try:
+            await self.write(wire.encode(frame))
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                return await future
+        finally:
+            self.other_futures.pop(key, None)
 
     async def send_acked(self, frame: wire.Frame, client_msg_id: str) -> asyncio.Future[Ack]:
         future = self.new_ack(client_msg_id)
