@@ -67,6 +67,25 @@ ensure_debian_packages() {
     return 0
 }
 
+# Synapse (Matrix) lives in a venv of its own: its pinned dependencies stay out of ours.
+SYNAPSE_VENV=.venv-synapse
+ensure_synapse() {
+    local want="matrix-synapse"
+    if [[ -x $SYNAPSE_VENV/bin/python && -f $SYNAPSE_VENV/.installed ]]; then
+        return
+    fi
+    echo "chatprobe: installing Synapse into $SYNAPSE_VENV for the Matrix tests (log: $SYNAPSE_VENV.log)" >&2
+    rm -rf "$SYNAPSE_VENV"
+    if ! { "$PY" -m venv "$SYNAPSE_VENV" \
+           && "$SYNAPSE_VENV/bin/python" -m pip install --disable-pip-version-check "$want"; } \
+           > "$SYNAPSE_VENV.log" 2>&1; then
+        tail -n 20 "$SYNAPSE_VENV.log" >&2
+        echo "chatprobe: Synapse installation failed" >&2
+        exit 3
+    fi
+    touch "$SYNAPSE_VENV/.installed"
+}
+
 command=${1:-}
 shift || true
 case "$command" in
@@ -77,6 +96,7 @@ case "$command" in
     test)
         ensure_venv "[test]"
         ensure_debian_packages "${TEST_DEBIAN_PACKAGES[@]}"
+        ensure_synapse
         "$VENV/bin/ruff" check chatprobe tests
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest -n "${CHATPROBE_TEST_WORKERS:-auto}" "$@"

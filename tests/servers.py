@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import pwd
@@ -23,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from chatprobe.config import AgentCredential, TargetConfig
 from tests.conftest import scaled
@@ -291,3 +294,108 @@ def xmpp_target(agents: list[AgentCredential], customers: int,
         extra={"domain": DOMAIN, "websocket_path": websocket_path,
                "customers": {"prefix": "customer", "count": customers,
                              "password": CUSTOMER_PASSWORD}})
+
+
+SYNAPSE_VENV = Path(os.environ.get("CHATPROBE_SYNAPSE_VENV",
+                                   Path(__file__).resolve().parent.parent / ".venv-synapse"))
+
+
+class SynapseServer:
+    """Synapse (Matrix homeserver) from PyPI in its own venv, SQLite, client API on loopback,
+    rate limits raised (its defaults allow 0.2 messages/s), no federation or key servers."""
+
+    def __init__(self, folder: Path, agents: int = 2, customers: int = 10) -> None:
+        self.folder = folder
+        self.agents = [AgentCredential(f"agent{i}", f"agent{i}-secret")
+                       for i in range(1, agents + 1)]
+        self.customers = customers
+        self.port = free_port()
+        self.config = folder / "homeserver.yaml"
+        self.log = folder / "stdout.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.python = SYNAPSE_VENV / "bin" / "python"
+
+    def write_config(self) -> None:
+        if not self.python.exists():
+            message = f"Synapse is not installed in {SYNAPSE_VENV} (bash dev.sh test does it)"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(self.python), "-m", "synapse.app.homeserver", "--server-name",
+                        DOMAIN, "--config-path", str(self.config), "--generate-config",
+                        "--report-stats=no", "--data-directory", str(self.folder)],
+                       check=True, capture_output=True, timeout=scaled(60), cwd=self.folder)
+        config = yaml.safe_load(self.config.read_text())
+        unlimited = {"per_second": 100000, "burst_count": 100000}
+        config.update({
+            "listeners": [{"port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http",
+                           "tls": False, "x_forwarded": False,
+                           "resources": [{"names": ["client"], "compress": False}]}],
+            "trusted_key_servers": [], "suppress_key_server_warning": True,
+            "presence": {"enabled": False}, "url_preview_enabled": False,
+            "rc_message": unlimited, "rc_registration": unlimited,
+            "rc_login": {"address": unlimited, "account": unlimited,
+                         "failed_attempts": unlimited},
+            "rc_joins": {"local": unlimited, "remote": unlimited},
+            "rc_joins_per_room": unlimited,
+            "rc_invites": {"per_room": unlimited, "per_user": unlimited,
+                           "per_issuer": unlimited},
+        })
+        self.config.write_text(yaml.safe_dump(config))
+
+    def register(self, user: str, password: str) -> None:
+        """The shared-secret admin registration API (what register_new_matrix_user uses)."""
+        secret = yaml.safe_load(self.config.read_text())["registration_shared_secret"]
+        endpoint = f"{self.url}/_synapse/admin/v1/register"
+        with urllib.request.urlopen(endpoint, timeout=scaled(10)) as response:
+            nonce = json.loads(response.read())["nonce"]
+        mac = hmac.new(secret.encode(), digestmod=hashlib.sha1)
+        mac.update(b"\0".join([nonce.encode(), user.encode(), password.encode(), b"notadmin"]))
+        body = json.dumps({"nonce": nonce, "username": user, "password": password,
+                           "admin": False, "mac": mac.hexdigest()}).encode()
+        request = urllib.request.Request(endpoint, data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=scaled(10)):
+            pass
+
+    def start(self) -> SynapseServer:
+        first = self.proc is None
+        if first:
+            self.write_config()
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([str(self.python), "-m", "synapse.app.homeserver",
+                                          "-c", str(self.config)], stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.folder)
+        wait_for_port(self.port, self.proc, "synapse", self.log)
+        if first:
+            for agent in self.agents:
+                self.register(agent.id, agent.token)
+            for i in range(1, self.customers + 1):
+                self.register(f"customer{i}", CUSTOMER_PASSWORD)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=scaled(10))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=scaled(15))
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def target_config(self, **changes: object) -> TargetConfig:
+        config = TargetConfig(
+            protocol="matrix", shop=DOMAIN, agents=tuple(self.agents), sla_ms=3000.0,
+            deadline_ms=6000.0, reconnect_window_s=2.0,
+            extra={"customers": {"prefix": "customer", "count": self.customers,
+                                 "password": CUSTOMER_PASSWORD}, "sync_timeout_ms": 5000})
+        return dataclasses.replace(config, **changes)  # type: ignore[arg-type]

@@ -124,7 +124,7 @@ def adapter_for(protocol: str) -> type[Adapter]:
     """The adapter class for a config's ``protocol``: a registered name, or ``module:Class``
     for an adapter of your own that lives outside chatprobe."""
     # Import the built-in adapters so they register themselves.
-    from chatprobe.protocols import reference, xmpp  # noqa: F401
+    from chatprobe.protocols import matrix, reference, xmpp  # noqa: F401
 
     if ":" in protocol:
         module_name, _, class_name = protocol.partition(":")
