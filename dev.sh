@@ -97,7 +97,7 @@ case "$command" in
         ensure_venv "[test]"
         ensure_debian_packages "${TEST_DEBIAN_PACKAGES[@]}"
         ensure_synapse
-        "$VENV/bin/ruff" check chatprobe tests
+        "$VENV/bin/ruff" check chatprobe tests benchmarks loadtests
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest -n "${CHATPROBE_TEST_WORKERS:-auto}" "$@"
         ;;

@@ -1,6 +1,6 @@
 """Benchmark (not a test): the pure core's cost per message, stamp + ledger record + match.
 
-Run: .venv/bin/python -m tests.benchmarks.bench_core [--messages N]
+Run: .venv/bin/python benchmarks/bench_core.py [--messages N]
 Prints microseconds per message for each step and the total against the 10 µs target.
 """
 
