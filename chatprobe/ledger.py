@@ -19,7 +19,7 @@ Rules (measurement.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -44,6 +44,7 @@ class Receipt(StrEnum):
     FOREIGN = "foreign"
     UNKNOWN = "unknown"
     UNSTAMPED = "unstamped"
+    EARLY = "early"  # receipt reported before its send (distributed runs): held until then
 
 
 class MessageRecord:
@@ -54,6 +55,7 @@ class MessageRecord:
         "conversation",
         "first_receipt_us",
         "intended_us",
+        "kind",
         "misrouted",
         "outcome",
         "receipts",
@@ -66,7 +68,8 @@ class MessageRecord:
     )
 
     def __init__(self, sender: str, conversation: str, seq: int, intended_us: int,
-                 sent_us: int) -> None:
+                 sent_us: int, kind: str = "") -> None:
+        self.kind = kind
         self.sender = sender
         self.conversation = conversation
         self.seq = seq
@@ -120,7 +123,13 @@ class LedgerCounts:
 class Ledger:
     """Classifies stamped messages of one run. Not thread-safe: one owner, or merge counts."""
 
-    def __init__(self, codec: StampCodec, sla_us: int, deadline_us: int) -> None:
+    def __init__(self, codec: StampCodec, sla_us: int, deadline_us: int,
+                 hold_early_receipts: bool = False,
+                 on_outcome: Callable[[MessageRecord], None] | None = None) -> None:
+        """``hold_early_receipts``: in a distributed run a receipt can reach the ledger before
+        its send record (they come from different processes); hold it until the send arrives
+        instead of calling it unknown. ``on_outcome`` is called once per message when it is
+        classified (delivered, late or lost), e.g. to feed Locust's statistics."""
         if sla_us <= 0 or deadline_us < sla_us:
             raise ValueError("need 0 < sla <= deadline")
         self.codec = codec
@@ -135,6 +144,9 @@ class Ledger:
         self._expected: dict[str, frozenset[str]] = {}
         self.lost_records: list[MessageRecord] = []
         self.late_records: list[MessageRecord] = []
+        self.hold_early_receipts = hold_early_receipts
+        self.on_outcome = on_outcome
+        self._early: dict[tuple[str, int], list[tuple[str, int]]] = {}
 
     # -- sending -----------------------------------------------------------------------
 
@@ -146,16 +158,26 @@ class Ledger:
             self._expected[conversation] = frozenset(receivers)
 
     def stamp_and_record(self, body: str, sender: str, conversation: str, intended_us: int,
-                         sent_us: int) -> tuple[str, MessageRecord]:
+                         sent_us: int, kind: str = "") -> tuple[str, MessageRecord]:
         """Stamp ``body`` with the conversation's next sequence number and record the send."""
         seq = self._next_seq.get(conversation, 0) + 1
         self._next_seq[conversation] = seq
         text = self.codec.stamp_text(body, sender, conversation, seq, intended_us)
-        record = MessageRecord(sender, conversation, seq, intended_us, sent_us)
-        self._pending[(conversation, seq)] = record
+        return text, self.record_send(sender, conversation, seq, intended_us, sent_us, kind)
+
+    def record_send(self, sender: str, conversation: str, seq: int, intended_us: int,
+                    sent_us: int, kind: str = "") -> MessageRecord:
+        """Record a send stamped elsewhere (another process made the stamp)."""
+        record = MessageRecord(sender, conversation, seq, intended_us, sent_us, kind)
+        key = (conversation, seq)
+        self._pending[key] = record
         self.counts.sent += 1
         self.counts.pending += 1
-        return text, record
+        early = self._early.pop(key, None)
+        if early is not None:
+            for receiver, received_us in sorted(early, key=lambda item: item[1]):
+                self.record_receipt(conversation, seq, receiver, received_us)
+        return record
 
     @staticmethod
     def record_ack(record: MessageRecord, server_id: str, ack_us: int) -> None:
@@ -177,11 +199,20 @@ class Ledger:
         if not stamp.valid:
             counts.forged += 1
             return Receipt.FORGED
-        key = (stamp.conversation, stamp.seq)
+        return self.record_receipt(stamp.conversation, stamp.seq, receiver, received_us)
+
+    def record_receipt(self, conversation: str, seq: int, receiver: str,
+                       received_us: int) -> Receipt:
+        """Classify a receipt of a genuine stamp (already parsed and verified)."""
+        counts = self.counts
+        key = (conversation, seq)
         record = self._pending.pop(key, None)
         if record is None:
             closed = self._closed.get(key)
             if closed is None:
+                if self.hold_early_receipts:
+                    self._early.setdefault(key, []).append((receiver, received_us))
+                    return Receipt.EARLY
                 counts.unknown += 1
                 return Receipt.UNKNOWN
             closed.receipts += 1
@@ -209,6 +240,8 @@ class Ledger:
             counts.lost += 1
             counts.received_after_deadline += 1
             self.lost_records.append(record)
+            if self.on_outcome is not None:
+                self.on_outcome(record)
             return Receipt.AFTER_DEADLINE
         self.latency.record_us(latency)
         if latency <= self.sla_us:
@@ -218,6 +251,8 @@ class Ledger:
             record.outcome = Outcome.LATE
             counts.late += 1
             self.late_records.append(record)
+        if self.on_outcome is not None:
+            self.on_outcome(record)
         return Receipt.FIRST
 
     def _check_order(self, record: MessageRecord) -> None:
@@ -251,7 +286,13 @@ class Ledger:
         self.counts.pending -= len(expired)
         self.counts.lost += len(expired)
         self.lost_records.extend(expired)
+        self._report(expired)
         return expired
+
+    def _report(self, records: list[MessageRecord]) -> None:
+        if self.on_outcome is not None:
+            for record in records:
+                self.on_outcome(record)
 
     def forget_closed_before(self, intended_before_us: int) -> None:
         """Drop closed records (duplicate detection) older than a retention horizon."""
@@ -269,6 +310,10 @@ class Ledger:
         self.counts.pending = 0
         self.counts.lost += len(remaining)
         self.lost_records.extend(remaining)
+        # Receipts whose send never showed up: stamps of this run we cannot account for.
+        self.counts.unknown += sum(len(v) for v in self._early.values())
+        self._early.clear()
+        self._report(remaining)
         return remaining
 
     @property

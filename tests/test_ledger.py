@@ -608,3 +608,63 @@ def test_known_bad_schedule_outcomes_match_model() -> None:
     """The explicit example of the expire-independence test agrees on every count too."""
     run_schedule(_KNOWN_BAD, use_expire=True, check_flags="until_expire_interferes")
     run_schedule(_KNOWN_BAD, use_expire=False, check_flags="always")
+
+
+# -- distributed merge: sends and receipts recorded from different processes ---------------
+
+Event = tuple[int, str, int, str, int]  # (order key, kind, seq, receiver, time)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_receipts_reported_before_their_sends_give_the_same_counts(data: st.DataObject) -> None:
+    """A master ledger fed worker batches in any interleaving (receipt batches may overtake
+    send batches) classifies exactly like a ledger that saw everything in order."""
+    messages = data.draw(st.integers(1, 25))
+    latencies = data.draw(st.lists(st.one_of(st.none(), st.integers(0, 500)),
+                                   min_size=messages, max_size=messages))
+    in_order = Ledger(StampCodec(run="run1", secret=SECRET), SLA, DEADLINE)
+    merged = Ledger(StampCodec(run="run1", secret=SECRET), SLA, DEADLINE,
+                    hold_early_receipts=True)
+    sends = [(seq, 1000 + 10 * seq) for seq in range(1, messages + 1)]
+    receipts = [(seq, 1000 + 10 * seq + lat) for seq, lat in
+                zip(range(1, messages + 1), latencies, strict=True) if lat is not None]
+    for seq, intended in sends:
+        in_order.record_send("cust", "c", seq, intended, intended)
+    for seq, at in sorted(receipts, key=lambda r: r[1]):
+        in_order.record_receipt("c", seq, "agent", at)
+    # The merged ledger gets the receipt batch first, then the sends, in random chunks.
+    split = data.draw(st.integers(0, len(receipts)))
+    ordered_receipts = sorted(receipts, key=lambda r: r[1])
+    for seq, at in ordered_receipts[:split]:
+        assert merged.record_receipt("c", seq, "agent", at) is Receipt.EARLY
+    for seq, intended in sends:
+        merged.record_send("cust", "c", seq, intended, intended)
+    for seq, at in ordered_receipts[split:]:
+        merged.record_receipt("c", seq, "agent", at)
+    in_order.finish()
+    merged.finish()
+    assert merged.counts == in_order.counts
+
+
+def test_receipt_whose_send_never_arrives_is_unknown_at_finish() -> None:
+    ledger = Ledger(StampCodec(run="run1", secret=SECRET), SLA, DEADLINE,
+                    hold_early_receipts=True)
+    assert ledger.record_receipt("c", 7, "agent", 5) is Receipt.EARLY
+    assert ledger.counts.unknown == 0
+    ledger.finish()
+    assert ledger.counts.unknown == 1
+
+
+def test_on_outcome_is_called_once_per_message() -> None:
+    seen: list[tuple[int, Outcome]] = []
+    ledger = Ledger(StampCodec(run="run1", secret=SECRET), SLA, DEADLINE,
+                    on_outcome=lambda r: seen.append((r.seq, r.outcome)))
+    for seq, intended in ((1, 0), (2, 0), (3, 0)):
+        ledger.record_send("cust", "c", seq, intended, intended, kind="greeting")
+    ledger.record_receipt("c", 1, "agent", 50)
+    ledger.record_receipt("c", 1, "agent", 60)  # a duplicate is not a new outcome
+    ledger.record_receipt("c", 2, "agent", 200)
+    ledger.expire(10_000)
+    ledger.finish()
+    assert seen == [(1, Outcome.DELIVERED), (2, Outcome.LATE), (3, Outcome.LOST)]
