@@ -120,6 +120,13 @@ class LedgerCounts:
         return self.delivered / closed if closed else None
 
 
+@dataclass
+class _ConversationOrder:
+    max_time_us: int
+    max_seq: int
+    received: list[MessageRecord]
+
+
 class Ledger:
     """Classifies stamped messages of one run. Not thread-safe: one owner, or merge counts."""
 
@@ -140,7 +147,7 @@ class Ledger:
         self._pending: dict[tuple[str, int], MessageRecord] = {}
         self._closed: dict[tuple[str, int], MessageRecord] = {}
         self._next_seq: dict[str, int] = {}
-        self._max_seq_received: dict[str, int] = {}
+        self._order: dict[str, _ConversationOrder] = {}
         self._expected: dict[str, frozenset[str]] = {}
         self.lost_records: list[MessageRecord] = []
         self.late_records: list[MessageRecord] = []
@@ -256,13 +263,35 @@ class Ledger:
         return Receipt.FIRST
 
     def _check_order(self, record: MessageRecord) -> None:
-        """First receipt after a later message of its conversation: reordered."""
-        conversation = record.conversation
-        if record.seq < self._max_seq_received.get(conversation, 0):
-            record.reordered = True
-            self.counts.reordered += 1
+        """Reordered: a higher seq of the same conversation was first received strictly
+        earlier. Decided by receipt times, not by the order receipts reach the ledger, so a
+        distributed run (batches from several processes) counts what a single process would.
+        """
+        time_us = record.first_receipt_us
+        assert time_us is not None
+        order = self._order.get(record.conversation)
+        if order is None:
+            self._order[record.conversation] = _ConversationOrder(time_us, record.seq, [record])
+            return
+        if time_us > order.max_time_us:
+            # The common case, receipts in time order: one comparison.
+            if record.seq < order.max_seq:
+                record.reordered = True
+                self.counts.reordered += 1
         else:
-            self._max_seq_received[conversation] = record.seq
+            for other in order.received:
+                assert other.first_receipt_us is not None
+                if other.seq > record.seq and other.first_receipt_us < time_us:
+                    if not record.reordered:
+                        record.reordered = True
+                        self.counts.reordered += 1
+                elif (other.seq < record.seq and other.first_receipt_us > time_us
+                      and not other.reordered):
+                    other.reordered = True
+                    self.counts.reordered += 1
+        order.received.append(record)
+        order.max_time_us = max(order.max_time_us, time_us)
+        order.max_seq = max(order.max_seq, record.seq)
 
     def _check_route(self, record: MessageRecord, receiver: str) -> None:
         """Any copy reaching a receiver not expected for its conversation: misrouted (once)."""
