@@ -58,6 +58,9 @@ class CustomerSession(ABC):
     async def send(self, conversation: str, client_msg_id: str,
                    text: str) -> asyncio.Future[Ack]: ...
 
+    async def close_conversation(self, conversation: str) -> None:  # noqa: B027
+        """End the conversation as a customer who is done (optional; default: nothing)."""
+
     @abstractmethod
     async def close(self) -> None: ...
 

@@ -1,0 +1,159 @@
+"""The master side of a swarm: one ledger fed by every worker's batches, a time series, and
+the generator's health (pure: batches and times in, summary out).
+
+Workers send what they saw, never conclusions: sends (from the customer's worker) and receipts
+(from whichever worker runs the receiving agent) meet here, so a message whose customer and
+agent live in different processes is matched like any other. Clock assumption: all workers
+share the host's monotonic clock (one machine, `--processes`); batches say which host they
+come from, and a run spanning several hosts is reported with its clock caveat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatprobe.histogram import LatencyHistogram
+from chatprobe.ledger import Ledger, MessageRecord, Outcome
+from chatprobe.stamp import StampCodec
+from chatprobe.verdict import RunSummary
+
+# Sends later than this behind their intended time mean the generator fell behind its plan.
+LATE_SEND_US = 50_000
+CPU_LIMIT_PERCENT = 90.0
+LOOP_LAG_LIMIT_US = 100_000
+LATE_SEND_LIMIT_SHARE = 0.01
+
+
+@dataclass
+class Bin:
+    users: int = 0
+    sent: int = 0
+    delivered: int = 0
+    late: int = 0
+    lost: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+
+@dataclass
+class WorkerHealth:
+    host: str = ""
+    cpu_max: float = 0.0
+    cpu_high_samples: int = 0
+    samples: int = 0
+    loop_lag_max_us: int = 0
+    late_sends: int = 0
+    sends: int = 0
+    send_lag_max_us: int = 0
+
+
+def empty_batch(worker: str, host: str) -> dict[str, Any]:
+    """The batch a worker sends every flush (lists, so msgpack carries it cheaply)."""
+    return {"worker": worker, "host": host, "sends": [], "receipts": [], "forged": 0,
+            "foreign": 0, "late_sends": 0, "send_lag_max_us": 0, "cpu": None,
+            "loop_lag_max_us": 0}
+
+
+class Collector:
+    def __init__(self, codec: StampCodec, sla_us: int, deadline_us: int, start_us: int,
+                 bin_s: float = 2.0,
+                 on_outcome: Callable[[MessageRecord], None] | None = None) -> None:
+        self.start_us = start_us
+        self.bin_us = int(bin_s * 1_000_000)
+        self.bins: dict[int, Bin] = {}
+        self.workers: dict[str, WorkerHealth] = {}
+        self._on_outcome = on_outcome
+        self.ledger = Ledger(codec, sla_us, deadline_us, hold_early_receipts=True,
+                             on_outcome=self._outcome)
+        # Batches can trail by a flush interval or two; never expire what may still come.
+        self.grace_us = 3_000_000
+
+    def _bin(self, time_us: int) -> Bin:
+        index = max(0, (time_us - self.start_us) // self.bin_us)
+        found = self.bins.get(index)
+        if found is None:
+            found = self.bins[index] = Bin()
+        return found
+
+    def _outcome(self, record: MessageRecord) -> None:
+        if record.outcome is Outcome.LOST:
+            self._bin(record.intended_us).lost += 1
+        else:
+            assert record.first_receipt_us is not None and record.latency_us is not None
+            at = self._bin(record.first_receipt_us)
+            at.latency.record_us(record.latency_us)
+            if record.outcome is Outcome.DELIVERED:
+                at.delivered += 1
+            else:
+                at.late += 1
+        if self._on_outcome is not None:
+            self._on_outcome(record)
+
+    def ingest(self, batch: dict[str, Any]) -> None:
+        ledger = self.ledger
+        for sender, conversation, seq, intended_us, sent_us, kind in batch["sends"]:
+            ledger.record_send(sender, conversation, seq, intended_us, sent_us, kind)
+            self._bin(intended_us).sent += 1
+        for conversation, seq, receiver, received_us in batch["receipts"]:
+            ledger.record_receipt(conversation, seq, receiver, received_us)
+        ledger.counts.forged += batch["forged"]
+        ledger.counts.foreign += batch["foreign"]
+        health = self.workers.setdefault(batch["worker"], WorkerHealth(host=batch["host"]))
+        health.sends += len(batch["sends"])
+        health.late_sends += batch["late_sends"]
+        health.send_lag_max_us = max(health.send_lag_max_us, batch["send_lag_max_us"])
+        health.loop_lag_max_us = max(health.loop_lag_max_us, batch["loop_lag_max_us"])
+        cpu = batch["cpu"]
+        if cpu is not None:
+            health.samples += 1
+            health.cpu_max = max(health.cpu_max, cpu)
+            if cpu > CPU_LIMIT_PERCENT:
+                health.cpu_high_samples += 1
+
+    def sample_users(self, now_us: int, users: int) -> None:
+        self._bin(now_us).users = max(self._bin(now_us).users, users)
+
+    def expire(self, now_us: int) -> None:
+        self.ledger.expire(now_us - self.grace_us)
+
+    def invalid_reasons(self) -> list[str]:
+        """Why the generator's own numbers cannot be trusted (empty when they can)."""
+        reasons = []
+        for name, health in sorted(self.workers.items()):
+            if health.samples and health.cpu_high_samples * 2 > health.samples:
+                reasons.append(f"worker {name}: CPU above {CPU_LIMIT_PERCENT:g} % in "
+                               f"{health.cpu_high_samples} of {health.samples} samples")
+            if health.loop_lag_max_us > LOOP_LAG_LIMIT_US:
+                reasons.append(f"worker {name}: event loop lagged "
+                               f"{health.loop_lag_max_us / 1000:.0f} ms")
+            if health.sends and health.late_sends > LATE_SEND_LIMIT_SHARE * health.sends:
+                reasons.append(f"worker {name}: {health.late_sends} of {health.sends} sends "
+                               f"more than {LATE_SEND_US // 1000} ms behind plan")
+        return reasons
+
+    def finish(self, summary: RunSummary) -> dict[str, Any]:
+        """Close the run (everything still pending is lost) and build the JSON document."""
+        self.ledger.finish()
+        doc = summary.to_json()
+        reasons = self.invalid_reasons()
+        hosts = sorted({h.host for h in self.workers.values()})
+        doc["valid"] = not reasons
+        doc["invalid_reasons"] = reasons
+        doc["clock"] = {"assumption": "one host, shared monotonic clock",
+                        "hosts": hosts, "uncertainty_ms": 0.0 if len(hosts) <= 1 else None}
+        doc["generator"] = {
+            name: {"host": h.host, "cpu_max_percent": round(h.cpu_max, 1),
+                   "loop_lag_max_ms": round(h.loop_lag_max_us / 1000, 3),
+                   "late_sends": h.late_sends, "sends": h.sends,
+                   "send_lag_max_ms": round(h.send_lag_max_us / 1000, 3)}
+            for name, h in sorted(self.workers.items())}
+        bin_s = self.bin_us / 1_000_000
+        doc["timeseries"] = [
+            {"t_s": round(index * bin_s, 3), "users": b.users,
+             "sends_per_s": round(b.sent / bin_s, 3),
+             "delivered_per_s": round((b.delivered + b.late) / bin_s, 3),
+             "p50_ms": b.latency.summary_ms()["p50"], "p99_ms": b.latency.summary_ms()["p99"],
+             "late": b.late, "lost": b.lost}
+            for index, b in sorted(self.bins.items())]
+        return doc

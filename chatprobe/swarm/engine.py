@@ -1,0 +1,284 @@
+"""The worker engine: one asyncio (uvloop) thread per process holding every chat connection.
+
+Locust runs users as gevent greenlets; chatprobe's adapters are asyncio. Greenlets never wait
+on the loop: they pace, stamp and hand a send over with ``call_soon_threadsafe``; the loop
+thread hands back what it saw through deques (atomic appends, no locks shared across the two
+schedulers, which gevent does not support, gevent issue #1739). A flusher greenlet drains the
+deques into batches for the master's collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatprobe.config import TargetConfig
+from chatprobe.errors import TargetError
+from chatprobe.protocols.base import (
+    Adapter,
+    AgentSession,
+    CustomerSession,
+    adapter_for,
+)
+from chatprobe.stamp import StampCodec
+from chatprobe.swarm.collector import LATE_SEND_US, empty_batch
+
+log = logging.getLogger("chatprobe.swarm")
+
+
+def now_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+def start_real_thread(target: Callable[[], None]) -> None:
+    """An OS thread even when gevent has monkey-patched `threading` (Locust does)."""
+    try:
+        from gevent import monkey
+
+        start = monkey.get_original("_thread", "start_new_thread")
+    except ImportError:  # not under gevent
+        import _thread
+
+        start = _thread.start_new_thread
+    start(target, ())
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.lag_max_us = 0  # written by the loop thread, read (atomically) by greenlets
+        start_real_thread(self._run)
+
+    def _run(self) -> None:
+        try:
+            import uvloop
+
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._lag_task = loop.create_task(self._watch_lag())
+        self.loop = loop
+        loop.run_forever()
+
+    async def _watch_lag(self) -> None:
+        """How late the loop runs a 100 ms timer: the generator's own delay, not the target's."""
+        while True:
+            before = now_us()
+            await asyncio.sleep(0.1)
+            lag = now_us() - before - 100_000
+            if lag > self.lag_max_us:
+                self.lag_max_us = lag
+
+    def wait_ready(self, sleep: Callable[[float], None], timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.loop is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("chatprobe loop thread did not start")
+            sleep(0.01)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(fn, *args)
+
+
+@dataclass
+class _Customer:
+    """One fake customer's connection; its sends leave strictly in order, one at a time, so
+    the harness never reorders a conversation itself."""
+
+    name: str
+    outbox: asyncio.Queue[tuple[str, str] | None] = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class EngineOutput:
+    """What the loop thread and the users produced since the last flush."""
+
+    sends: deque[list[Any]] = field(default_factory=deque)
+    receipts: deque[list[Any]] = field(default_factory=deque)
+    events: deque[str] = field(default_factory=deque)
+    forged: int = 0
+    foreign: int = 0
+    late_sends: int = 0
+    send_lag_max_us: int = 0
+
+
+class WorkerEngine:
+    """One per Locust process: customers (this worker's users) and, on one worker, agents."""
+
+    def __init__(self, target_url: str, config: TargetConfig, codec: StampCodec,
+                 worker: str, run_agents: bool) -> None:
+        self.target_url = target_url
+        self.config = config
+        self.codec = codec
+        self.worker = worker
+        self.host = socket.gethostname()
+        self.run_agents = run_agents
+        self.out = EngineOutput()
+        self.thread = LoopThread()
+        self.adapter: Adapter | None = None
+        self.customers: dict[str, _Customer] = {}
+        self.agents: list[AgentSession] = []
+        self.agents_ready = False
+        self.failure: str | None = None
+        self._seq: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- greenlet side -----------------------------------------------------------------
+
+    def start(self, sleep: Callable[[float], None]) -> None:
+        self.thread.wait_ready(sleep)
+        self.thread.call(self._start_in_loop)
+        if self.run_agents:
+            deadline = time.monotonic() + self.config.connect_timeout_s * 2
+            while not self.agents_ready and self.failure is None:
+                if time.monotonic() > deadline:
+                    self.failure = "probe agents did not log in in time"
+                    break
+                sleep(0.01)
+
+    def send(self, user: str, kind: str, body: str, intended_us: int) -> None:
+        """Stamp and hand over one message; called by a user's greenlet at its planned time."""
+        sent = now_us()
+        lag = sent - intended_us
+        out = self.out
+        if lag > LATE_SEND_US:
+            out.late_sends += 1
+        if lag > out.send_lag_max_us:
+            out.send_lag_max_us = lag
+        conversation = f"{self.worker}{user}"
+        seq = self._seq.get(conversation, 0) + 1
+        self._seq[conversation] = seq
+        text = self.codec.stamp_text(body, conversation, conversation, seq, intended_us)
+        out.sends.append([conversation, conversation, seq, intended_us, sent, kind])
+        self.thread.call(self._send_in_loop, conversation, f"{self.codec.run}-{conversation}-"
+                         f"{seq}", text)
+
+    def take_batch(self, cpu_percent: float | None) -> dict[str, Any]:
+        out = self.out
+        batch = empty_batch(self.worker, self.host)
+        sends, receipts = out.sends, out.receipts
+        for _ in range(len(sends)):
+            batch["sends"].append(sends.popleft())
+        for _ in range(len(receipts)):
+            batch["receipts"].append(receipts.popleft())
+        batch["forged"], out.forged = out.forged, 0
+        batch["foreign"], out.foreign = out.foreign, 0
+        batch["late_sends"], out.late_sends = out.late_sends, 0
+        batch["send_lag_max_us"], out.send_lag_max_us = out.send_lag_max_us, 0
+        batch["loop_lag_max_us"], self.thread.lag_max_us = self.thread.lag_max_us, 0
+        batch["cpu"] = cpu_percent
+        return batch
+
+    def end_conversation(self, user: str) -> None:
+        """The user's script is over: its customer closes the conversation and leaves."""
+        self.thread.call(self._end_in_loop, f"{self.worker}{user}")
+
+    def stop(self) -> None:
+        if self.thread.loop is not None:
+            self.thread.call(self._stop_in_loop)
+
+    # -- loop side ---------------------------------------------------------------------
+
+    def _start_in_loop(self) -> None:
+        self.adapter = adapter_for(self.config.protocol)(self.target_url, self.config)
+        if self.run_agents:
+            self._spawn(self._login_agents())
+
+    async def _login_agents(self) -> None:
+        assert self.adapter is not None
+        try:
+            for credential in self.config.agents:
+                self.agents.append(await self.adapter.login_agent(
+                    credential, self._receiver(credential.id), self._event(credential.id)))
+        except TargetError as exc:
+            self.failure = f"agent login failed: {exc}"
+            return
+        self.agents_ready = True
+
+    def _receiver(self, agent_id: str) -> Callable[[str, str | None], None]:
+        parse = self.codec.parse
+        receipts = self.out.receipts
+
+        def on_receive(text: str, server_id: str | None) -> None:
+            received = now_us()
+            stamp = parse(text)
+            if stamp is None:
+                return
+            if stamp.foreign:
+                self.out.foreign += 1
+            elif not stamp.valid:
+                self.out.forged += 1
+            else:
+                receipts.append([stamp.conversation, stamp.seq, agent_id, received])
+
+        return on_receive
+
+    def _event(self, who: str) -> Callable[[str, str], None]:
+        def on_event(kind: str, detail: str) -> None:
+            self.out.events.append(f"{who} {kind}: {detail}")
+        return on_event
+
+    def _send_in_loop(self, conversation: str, client_id: str, text: str) -> None:
+        customer = self.customers.get(conversation)
+        if customer is None:
+            customer = self.customers[conversation] = _Customer(conversation)
+            self._spawn(self._run_customer(customer))
+        customer.outbox.put_nowait((client_id, text))
+
+    def _end_in_loop(self, conversation: str) -> None:
+        customer = self.customers.get(conversation)
+        if customer is not None:
+            customer.outbox.put_nowait(None)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_customer(self, customer: _Customer) -> None:
+        """Connect, open the conversation, send what the user hands over, then leave."""
+        assert self.adapter is not None
+        session: CustomerSession | None = None
+        try:
+            session = await self.adapter.connect_customer(
+                f"swarm-{self.codec.run}-{customer.name}", lambda text, sid: None,
+                self._event(customer.name))
+            channels = self.config.channels
+            channel = channels[zlib.crc32(customer.name.encode()) % len(channels)]
+            conversation = await session.open_conversation(customer.name, channel)
+            while (item := await customer.outbox.get()) is not None:
+                client_id, text = item
+                # The ack arrives later; not waiting for it keeps the open-model pace.
+                await session.send(conversation.id, client_id, text)
+            # The customer leaves: close the conversation so the agent's capacity frees up.
+            await session.close_conversation(conversation.id)
+        except TargetError as exc:
+            # Unsent messages stay unmatched: the ledger calls them lost at their deadline.
+            self.out.events.append(f"{customer.name} dead: {exc}")
+        finally:
+            self.customers.pop(customer.name, None)
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    await session.close()
+
+    def _stop_in_loop(self) -> None:
+        async def close_all() -> None:
+            for customer in list(self.customers.values()):
+                customer.outbox.put_nowait(None)
+            for agent in self.agents:
+                with contextlib.suppress(Exception):
+                    await agent.close()
+            if self.adapter is not None:
+                await self.adapter.close()
+
+        self._spawn(close_all())

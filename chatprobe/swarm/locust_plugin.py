@@ -1,0 +1,325 @@
+"""Locust glue: chatprobe's options, the fake-customer user, the promotion shape, and the event
+wiring that carries batches from workers to the master's collector.
+
+Imported by loadtests/locustfile.py; works headless (`chatprobe swarm`), with `--processes`
+or separate master/worker hosts, and with Locust's web UI. Delivery latency per message kind
+lands in Locust's statistics as request type "deliver"; late and lost messages are failures.
+chatprobe's own exact numbers (HdrHistograms, ledger) are written by the master at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gevent
+import psutil
+from locust import LoadTestShape, User, events
+from locust.env import Environment
+from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+
+from chatprobe.config import load_target
+from chatprobe.errors import HarnessError
+from chatprobe.ledger import MessageRecord, Outcome
+from chatprobe.stamp import StampCodec
+from chatprobe.swarm.collector import Collector
+from chatprobe.swarm.engine import WorkerEngine, now_us
+from chatprobe.swarm.scripts import Script, load_script
+from chatprobe.swarm.shapes import Shape, load_shape
+from chatprobe.verdict import RunSummary, render_table
+
+log = logging.getLogger("chatprobe.swarm")
+BATCH_MESSAGE = "chatprobe_batch"
+DONE_MESSAGE = "chatprobe_done"
+FLUSH_S = 0.5
+PROCESS = psutil.Process(os.getpid())  # one object: cpu_percent() measures since last call
+
+
+class DeliveryLate(Exception):
+    """Delivered, but after the SLA."""
+
+
+class DeliveryLost(Exception):
+    """Not delivered by the deadline."""
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    group = parser  # Locust's own parser: it knows include_in_web_ui, argument groups don't
+    group.add_argument("--cp-config", default="", help="target config file "
+                       "(default fixtures/targets/reference.yaml)", include_in_web_ui=False)
+    group.add_argument("--cp-shape", default="midnight-spike", help="promotion shape name/file")
+    group.add_argument("--cp-duration", type=float, default=0.0,
+                       help="fit the shape into this many seconds (0: as written)")
+    group.add_argument("--cp-script", default="shopper", help="conversation script")
+    group.add_argument("--cp-think-scale", type=float, default=1.0,
+                       help="multiply every think time (shorter = more messages/s)")
+    group.add_argument("--cp-json", default="", help="write chatprobe's summary JSON here",
+                       include_in_web_ui=False)
+    group.add_argument("--cp-admin-token", default="", include_in_web_ui=False)
+    group.add_argument("--cp-sla-ms", type=float, default=0.0)
+    group.add_argument("--cp-deadline-ms", type=float, default=0.0)
+    # Generated on the master and passed to workers with the spawn message.
+    group.add_argument("--cp-run", default="", include_in_web_ui=False)
+    group.add_argument("--cp-secret", default="", include_in_web_ui=False)
+
+
+@dataclasses.dataclass
+class SwarmState:
+    engine: WorkerEngine | None = None
+    collector: Collector | None = None
+    script: Script | None = None
+    done_workers: set[str] = dataclasses.field(default_factory=set)
+    greenlets: list[gevent.Greenlet] = dataclasses.field(default_factory=list)
+    summary_written: bool = False
+    events: list[str] = dataclasses.field(default_factory=list)
+
+
+STATE = SwarmState()
+
+
+def _opts(environment: Environment) -> Any:
+    """Locust's parsed options (with chatprobe's --cp-* ones)."""
+    options = environment.parsed_options
+    if options is None:
+        raise HarnessError("chatprobe's locustfile needs Locust's command-line options")
+    return options
+
+
+def _target(environment: Environment) -> tuple[str, Any]:
+    options = _opts(environment)
+    config = load_target(Path(options.cp_config) if options.cp_config else None)
+    changes: dict[str, Any] = {}
+    if options.cp_admin_token:
+        changes["admin_token"] = options.cp_admin_token
+    if options.cp_sla_ms:
+        changes["sla_ms"] = options.cp_sla_ms
+    if options.cp_deadline_ms:
+        changes["deadline_ms"] = options.cp_deadline_ms
+    host = environment.host or options.host
+    if not host:
+        raise HarnessError("no target: pass --host URL (or --target to chatprobe swarm)")
+    return host, dataclasses.replace(config, **changes)
+
+
+def _codec(environment: Environment) -> StampCodec:
+    options = _opts(environment)
+    return StampCodec(run=options.cp_run, secret=bytes.fromhex(options.cp_secret))
+
+
+@events.init.add_listener
+def _on_init(environment: Environment, **_: Any) -> None:
+    if environment.parsed_options is None:
+        return
+    options = _opts(environment)
+    if not isinstance(environment.runner, WorkerRunner) and not options.cp_secret:
+        options.cp_run = options.cp_run or secrets.token_hex(4)
+        options.cp_secret = secrets.token_bytes(16).hex()
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        runner.register_message(BATCH_MESSAGE, _on_batch)
+        runner.register_message(DONE_MESSAGE, _on_done)
+
+
+def _on_batch(environment: Environment, msg: Any, **_: Any) -> None:
+    if STATE.collector is not None:
+        STATE.collector.ingest(msg.data)
+
+
+def _on_done(environment: Environment, msg: Any, **_: Any) -> None:
+    STATE.done_workers.add(str(msg.data["worker"]))
+    STATE.events.extend(msg.data.get("events", []))
+
+
+def _report_outcome(environment: Environment) -> Any:
+    fire = environment.events.request.fire
+
+    def report(record: MessageRecord) -> None:
+        name = record.kind or "message"
+        if record.outcome is Outcome.LOST:
+            fire(request_type="deliver", name=name, response_time=0, response_length=0,
+                 exception=DeliveryLost("not delivered by the deadline"))
+            return
+        latency_ms = (record.latency_us or 0) / 1000
+        exception = DeliveryLate("delivered after the SLA") if (
+            record.outcome is Outcome.LATE) else None
+        fire(request_type="deliver", name=name, response_time=latency_ms, response_length=0,
+             exception=exception)
+
+    return report
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Environment, **_: Any) -> None:
+    runner = environment.runner
+    host, config = _target(environment)
+    codec = _codec(environment)
+    STATE.done_workers.clear()
+    STATE.summary_written = False
+    if not isinstance(runner, WorkerRunner):
+        STATE.collector = Collector(codec, int(config.sla_ms * 1000),
+                                    int(config.deadline_ms * 1000), now_us(),
+                                    on_outcome=_report_outcome(environment))
+        STATE.greenlets.append(gevent.spawn(_tick_collector, environment))
+    if isinstance(runner, MasterRunner):
+        return
+    worker_index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
+    STATE.script = load_script(_opts(environment).cp_script)
+    STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}",
+                                run_agents=worker_index == 0)
+    STATE.engine.start(gevent.sleep)
+    if STATE.engine.failure:
+        log.error("chatprobe: %s", STATE.engine.failure)
+    STATE.greenlets.append(gevent.spawn(_flush_forever, environment))
+
+
+def _tick_collector(environment: Environment) -> None:
+    while True:
+        gevent.sleep(FLUSH_S)
+        collector = STATE.collector
+        if collector is None:
+            return
+        runner = environment.runner
+        collector.sample_users(now_us(), runner.user_count if runner else 0)
+        collector.expire(now_us())
+
+
+def _flush(environment: Environment) -> None:
+    engine = STATE.engine
+    if engine is None:
+        return
+    batch = engine.take_batch(PROCESS.cpu_percent())
+    STATE.events.extend(engine.out.events.popleft() for _ in range(len(engine.out.events)))
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        runner.send_message(BATCH_MESSAGE, batch)
+    elif STATE.collector is not None:
+        STATE.collector.ingest(batch)
+
+
+def _flush_forever(environment: Environment) -> None:
+    while True:
+        gevent.sleep(FLUSH_S)
+        _flush(environment)
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Environment, **_: Any) -> None:
+    runner = environment.runner
+    if STATE.engine is not None:
+        _flush(environment)
+        if isinstance(runner, WorkerRunner):
+            runner.send_message(DONE_MESSAGE, {"worker": STATE.engine.worker,
+                                               "events": STATE.events[-50:]})
+        STATE.engine.stop()
+        STATE.engine = None
+    if isinstance(runner, MasterRunner):
+        expected = {f"w{i}" for i in range(len(runner.clients))}
+        deadline = time.monotonic() + 15
+        while not expected <= STATE.done_workers and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        if not expected <= STATE.done_workers:
+            log.error("chatprobe: no final batch from %s", sorted(expected - STATE.done_workers))
+    if not isinstance(runner, WorkerRunner):
+        _write_summary(environment)
+    for greenlet in STATE.greenlets:
+        greenlet.kill(block=False)
+    STATE.greenlets.clear()
+
+
+def _write_summary(environment: Environment) -> None:
+    collector = STATE.collector
+    if collector is None or STATE.summary_written:
+        return
+    STATE.summary_written = True
+    host, config = _target(environment)
+    ledger = collector.ledger
+    summary = RunSummary(ledger.codec.run, host, ledger.counts, ledger.latency, config.sla_ms,
+                         config.deadline_ms)
+    doc = collector.finish(summary)
+    doc["shape"] = _opts(environment).cp_shape
+    doc["connection_events"] = STATE.events[-50:]
+    table = render_table(doc)
+    if not doc["valid"]:
+        table += "\n  RUN INVALID: the generator was the bottleneck:\n" + "\n".join(
+            f"    {reason}" for reason in doc["invalid_reasons"])
+    print(table, file=sys.stderr, flush=True)
+    path = _opts(environment).cp_json
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    STATE.collector = None
+
+
+class ChatCustomer(User):
+    """A fake customer: one conversation, the script's messages at planned (open-model) times.
+
+    Latency counts from each planned time, so a generator that falls behind cannot hide it:
+    late sends are counted and can mark the run invalid.
+    """
+
+    abstract = True
+    _counter: ClassVar[int] = 0
+
+    def __init__(self, environment: Environment) -> None:
+        super().__init__(environment)
+        self.rng = random.Random()
+        self.index = 0
+
+    def on_start(self) -> None:
+        ChatCustomer._counter += 1
+        self.index = ChatCustomer._counter
+
+    def run_script(self) -> None:
+        engine, script = STATE.engine, STATE.script
+        if engine is None or script is None or engine.failure:
+            gevent.sleep(1)
+            return
+        scale = _opts(self.environment).cp_think_scale
+        name = f"u{self.index}"
+        intended = now_us()
+        for step in script.steps:
+            intended += int(step.think_s * scale * 1_000_000)
+            wait_s = (intended - now_us()) / 1e6
+            if wait_s > 0:
+                gevent.sleep(wait_s)
+            engine.send(name, step.kind, script.body(step, self.rng), intended)
+        engine.end_conversation(name)
+        # A new conversation next time round, as a returning customer would start.
+        ChatCustomer._counter += 1
+        self.index = ChatCustomer._counter
+
+
+class PromotionShape(LoadTestShape):
+    """The shape file named by --cp-shape (fitted to --cp-duration), then a drain with no
+    users for one deadline so messages still in flight can arrive before the run ends."""
+
+    shape: Shape | None = None
+    drain_s = 0.0
+
+    def tick(self) -> tuple[int, float] | None:
+        if self.shape is None:
+            options = _opts(self.runner.environment) if self.runner else None
+            if options is None:
+                return None
+            self.shape = load_shape(options.cp_shape).fitted(options.cp_duration or None)
+            _, config = _target(self.runner.environment)  # type: ignore[union-attr]
+            self.drain_s = config.deadline_ms / 1000 + 2 * FLUSH_S + 1
+        elapsed = self.get_run_time()
+        current = self.shape.at(elapsed)
+        if current is not None:
+            return current
+        if elapsed < self.shape.total_s + self.drain_s:
+            return 0, 100.0
+        return None
+
+
+__all__ = ["ChatCustomer", "LocalRunner", "PromotionShape"]

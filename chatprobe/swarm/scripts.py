@@ -1,0 +1,79 @@
+"""Conversation scripts: what a fake customer says, in which order, with which pauses (pure).
+
+Read from fixtures/conversations/*.yaml. Each step has a message kind (the name its latency
+is reported under), a think time before it, and text templates filled with high-entropy
+details ({product}, {size}, {order}, {n}) so bodies are realistic and never repeat.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatprobe.errors import HarnessError
+from chatprobe.paths import fixtures_dir
+
+PRODUCTS = ("down jacket", "running shoes", "rice cooker", "phone case", "silk scarf",
+            "coffee beans", "kids' backpack", "bluetooth speaker", "air fryer", "yoga mat")
+SIZES = ("S", "M", "L", "XL", "XXL", "38", "39", "40", "42", "44")
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    think_s: float
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    steps: tuple[Step, ...]
+
+    def body(self, step: Step, rng: random.Random) -> str:
+        return rng.choice(step.texts).format(
+            product=rng.choice(PRODUCTS), size=rng.choice(SIZES),
+            order=rng.randrange(10**11, 10**12), n=rng.randrange(1, 10))
+
+
+def parse_script(document: Any, source: str) -> Script:
+    if not isinstance(document, dict) or not isinstance(document.get("steps"), list):
+        raise HarnessError(f"{source}: a conversation script needs a 'steps' list")
+    steps = []
+    for i, item in enumerate(document["steps"]):
+        where = f"{source}: steps[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("kind"), str):
+            raise HarnessError(f"{where} needs a 'kind'")
+        think = item.get("think_s", 1.0)
+        if isinstance(think, bool) or not isinstance(think, int | float) or think < 0:
+            raise HarnessError(f"{where}.think_s must be a number of seconds >= 0")
+        texts = item.get("texts")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise HarnessError(f"{where}.texts must be a non-empty list of strings")
+        for text in texts:
+            try:
+                text.format(product="", size="", order=0, n=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise HarnessError(f"{where}: bad placeholder in {text!r}: {exc}") from None
+        steps.append(Step(item["kind"], float(think), tuple(texts)))
+    if not steps:
+        raise HarnessError(f"{source}: a conversation script needs at least one step")
+    return Script(str(document.get("name", Path(source).stem)), tuple(steps))
+
+
+def load_script(name_or_path: str) -> Script:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = fixtures_dir() / "conversations" / f"{name_or_path}.yaml"
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise HarnessError(f"no conversation script {name_or_path!r}") from None
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"script {path} is not valid YAML: "
+                           f"{str(exc).splitlines()[0]}") from None
+    return parse_script(document, str(path))
