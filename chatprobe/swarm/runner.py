@@ -1,0 +1,86 @@
+"""Runs a swarm headless: Locust as a child process on loadtests/locustfile.py (edge).
+
+Locust owns the process model (`--processes` forks a master and workers); chatprobe passes
+its options through as --cp-* arguments and reads back the summary the master writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatprobe.errors import HarnessError
+from chatprobe.paths import project_root
+from chatprobe.swarm.scripts import load_script
+from chatprobe.swarm.shapes import load_shape
+
+
+@dataclass
+class SwarmOptions:
+    target: str
+    shape: str = "midnight-spike"
+    workers: int = 1
+    duration_s: float | None = None
+    script: str = "shopper"
+    think_scale: float = 1.0
+    config: Path | None = None
+    admin_token: str | None = None
+    sla_ms: float | None = None
+    deadline_ms: float | None = None
+    csv_prefix: str | None = None
+    extra_locust_args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_args(cls, target: str, args: argparse.Namespace) -> SwarmOptions:
+        return cls(target=target, shape=args.shape, workers=args.workers,
+                   duration_s=args.duration, script=args.script, think_scale=args.think_scale,
+                   config=args.config, admin_token=args.admin_token, sla_ms=args.sla_ms,
+                   deadline_ms=args.deadline_ms, csv_prefix=args.csv)
+
+    def locust_command(self, json_path: Path) -> list[str]:
+        command = [sys.executable, "-m", "locust", "-f",
+                   str(project_root() / "loadtests" / "locustfile.py"), "--headless",
+                   "--host", self.target, "--only-summary", "--loglevel", "WARNING",
+                   "--cp-shape", self.shape, "--cp-script", self.script,
+                   "--cp-think-scale", str(self.think_scale), "--cp-json", str(json_path),
+                   "--cp-quiet"]
+        if self.workers > 1:
+            command += ["--processes", str(self.workers)]
+        optional = {"--cp-duration": self.duration_s, "--cp-config": self.config,
+                    "--cp-admin-token": self.admin_token, "--cp-sla-ms": self.sla_ms,
+                    "--cp-deadline-ms": self.deadline_ms}
+        for flag, value in optional.items():
+            if value is not None:
+                command += [flag, str(value)]
+        if self.csv_prefix:
+            command += ["--csv", self.csv_prefix, "--csv-full-history"]
+        return command + list(self.extra_locust_args)
+
+
+def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str, Any]:
+    """Run the swarm to its end and return chatprobe's summary document."""
+    # Fail before starting Locust on what we can check here: one line, exit 3.
+    shape = load_shape(options.shape).fitted(options.duration_s)
+    load_script(options.script)
+    with tempfile.TemporaryDirectory(prefix="chatprobe-swarm-") as folder:
+        json_path = Path(folder) / "summary.json"
+        command = options.locust_command(json_path)
+        print(f"chatprobe swarm: shape {shape.name} over {shape.total_s:g} s, peak "
+              f"{shape.peak_users()} customers, {options.workers} worker(s)",
+              file=sys.stderr, flush=True)
+        try:
+            result = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=timeout_s,
+                                    cwd=project_root())
+        except subprocess.TimeoutExpired:
+            raise HarnessError(f"the swarm did not finish within {timeout_s:g} s") from None
+        if not json_path.exists():
+            raise HarnessError(f"the swarm ended (Locust exit {result.returncode}) without "
+                               "a summary; see Locust's output above")
+        document: dict[str, Any] = json.loads(json_path.read_text(encoding="utf-8"))
+        return document
