@@ -58,12 +58,16 @@ def empty_batch(worker: str, host: str) -> dict[str, Any]:
 class Collector:
     def __init__(self, codec: StampCodec, sla_us: int, deadline_us: int, start_us: int,
                  bin_s: float = 2.0,
-                 on_outcome: Callable[[MessageRecord], None] | None = None) -> None:
+                 on_outcome: Callable[[MessageRecord], None] | None = None,
+                 keep_raw: bool = False) -> None:
+        """``keep_raw``: also keep every latency sample (µs) so a test or an engineer can
+        recompute percentiles exactly, independent of the histograms."""
         self.start_us = start_us
         self.bin_us = int(bin_s * 1_000_000)
         self.bins: dict[int, Bin] = {}
         self.workers: dict[str, WorkerHealth] = {}
         self._on_outcome = on_outcome
+        self.raw_latencies_us: list[int] | None = [] if keep_raw else None
         self.ledger = Ledger(codec, sla_us, deadline_us, hold_early_receipts=True,
                              on_outcome=self._outcome)
         # Batches can trail by a flush interval or two; never expire what may still come.
@@ -83,6 +87,8 @@ class Collector:
             assert record.first_receipt_us is not None and record.latency_us is not None
             at = self._bin(record.first_receipt_us)
             at.latency.record_us(record.latency_us)
+            if self.raw_latencies_us is not None:
+                self.raw_latencies_us.append(record.latency_us)
             if record.outcome is Outcome.DELIVERED:
                 at.delivered += 1
             else:
@@ -148,6 +154,11 @@ class Collector:
                    "late_sends": h.late_sends, "sends": h.sends,
                    "send_lag_max_ms": round(h.send_lag_max_us / 1000, 3)}
             for name, h in sorted(self.workers.items())}
+        merged = LatencyHistogram()
+        for time_bin in self.bins.values():
+            merged.merge(time_bin.latency)
+        # The per-interval histograms merged must give the run's percentiles back exactly.
+        doc["latency_ms_merged_bins"] = merged.summary_ms() | {"count": merged.count}
         bin_s = self.bin_us / 1_000_000
         doc["timeseries"] = [
             {"t_s": round(index * bin_s, 3), "users": b.users,

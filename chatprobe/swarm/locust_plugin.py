@@ -65,6 +65,8 @@ def _options(parser: Any) -> None:
     group.add_argument("--cp-json", default="", help="write chatprobe's summary JSON here",
                        include_in_web_ui=False)
     group.add_argument("--cp-admin-token", default="", include_in_web_ui=False)
+    group.add_argument("--cp-raw-latencies", default="", include_in_web_ui=False,
+                       help="write every latency sample (µs, one per line) here")
     group.add_argument("--cp-quiet", action="store_true", include_in_web_ui=False,
                        help="do not print chatprobe's summary at the end")
     group.add_argument("--cp-sla-ms", type=float, default=0.0)
@@ -169,7 +171,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     if not isinstance(runner, WorkerRunner):
         STATE.collector = Collector(codec, int(config.sla_ms * 1000),
                                     int(config.deadline_ms * 1000), now_us(),
-                                    on_outcome=_report_outcome(environment))
+                                    on_outcome=_report_outcome(environment),
+                                    keep_raw=bool(_opts(environment).cp_raw_latencies))
         STATE.greenlets.append(gevent.spawn(_tick_collector, environment))
     if isinstance(runner, MasterRunner):
         return
@@ -251,6 +254,9 @@ def _write_summary(environment: Environment) -> None:
     doc["connection_events"] = STATE.events[-50:]
     if not _opts(environment).cp_quiet:
         print(render_table(doc), file=sys.stderr, flush=True)
+    raw_path = _opts(environment).cp_raw_latencies
+    if raw_path and collector.raw_latencies_us is not None:
+        Path(raw_path).write_text("".join(f"{v}\n" for v in collector.raw_latencies_us))
     path = _opts(environment).cp_json
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

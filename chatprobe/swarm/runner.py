@@ -35,6 +35,7 @@ class SwarmOptions:
     deadline_ms: float | None = None
     csv_prefix: str | None = None
     extra_locust_args: tuple[str, ...] = ()
+    command_prefix: tuple[str, ...] = ()  # e.g. ("taskset", "-c", "0") to pin the generator
 
     @classmethod
     def from_args(cls, target: str, args: argparse.Namespace) -> SwarmOptions:
@@ -60,7 +61,7 @@ class SwarmOptions:
                 command += [flag, str(value)]
         if self.csv_prefix:
             command += ["--csv", self.csv_prefix, "--csv-full-history"]
-        return command + list(self.extra_locust_args)
+        return [*self.command_prefix, *command, *self.extra_locust_args]
 
 
 def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str, Any]:

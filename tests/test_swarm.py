@@ -1,0 +1,116 @@
+"""Swarms (issue 4): real Locust (local and --processes 2) against the real reference service.
+
+Ground truth is the service's own counters; shapes are checked in Locust's own history CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatprobe.histogram import LatencyHistogram
+from chatprobe.swarm.runner import SwarmOptions, run_swarm
+from chatprobe.swarm.shapes import load_shape
+from tests.conftest import ServiceProcess, scaled
+
+
+def shape_file(folder: Path, stages: Sequence[tuple[float, int, float]]) -> Path:
+    path = folder / "test-shape.yaml"
+    lines = ["name: test-shape", "stages:"] + [
+        f"  - {{duration: {d}, users: {u}, spawn_rate: {r}}}" for d, u, r in stages]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def swarm(service: ServiceProcess, shape: Path, **changes: Any) -> dict[str, Any]:
+    options = SwarmOptions(target=service.base_url, shape=str(shape), think_scale=0.1,
+                           admin_token=service.admin_token, sla_ms=2000.0, deadline_ms=3000.0)
+    for key, value in changes.items():
+        setattr(options, key, value)
+    return run_swarm(options, timeout_s=scaled(240))
+
+
+def test_two_worker_swarm_with_faults_equals_service_counters(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    reference_service.ok("POST", "/admin/faults",
+                         {"drop": 0.01, "duplicate": 0.005, "seed": 4})
+    doc = swarm(reference_service, shape_file(tmp_path, [(8, 20, 20)]), workers=2)
+    stats = reference_service.stats()
+    assert doc["sent"] == stats["accepted"] > 500
+    assert stats["dropped"] > 2 and stats["duplicated"] > 0, stats
+    assert doc["lost"] == stats["dropped"]
+    assert doc["duplicate"] == stats["duplicated"]
+    assert doc["sent"] == doc["delivered"] + doc["late"] + doc["lost"]
+    assert doc["unknown"] == 0 and doc["forged"] == 0
+    # Both workers sent; only worker 0 ran the probe agents, so half the messages were
+    # matched across processes.
+    assert set(doc["generator"]) == {"w0", "w1"}
+    assert all(g["sends"] > 0 for g in doc["generator"].values())
+
+
+def test_merged_percentiles_equal_those_of_all_raw_samples(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    raw_path = tmp_path / "raw.txt"
+    doc = swarm(reference_service, shape_file(tmp_path, [(6, 15, 15)]), workers=2,
+                extra_locust_args=("--cp-raw-latencies", str(raw_path)))
+    samples = sorted(int(line) for line in raw_path.read_text().split())
+    assert len(samples) == doc["delivered"] + doc["late"] == doc["latency_ms"]["count"]
+    for name, percentile in (("p50", 50.0), ("p99", 99.0)):
+        # The exact percentile of the raw samples (nearest rank), against the summary.
+        exact_us = samples[max(0, -(-len(samples) * int(percentile * 10) // 1000) - 1)]
+        reported_us = doc["latency_ms"][name] * 1000
+        assert abs(reported_us - exact_us) <= max(1.0, exact_us * 0.001) + 1, (name, exact_us)
+        assert doc["latency_ms_merged_bins"][name] == doc["latency_ms"][name]
+    hist = LatencyHistogram()
+    for value in samples:
+        hist.record_us(value)
+    assert hist.summary_ms() == {k: v for k, v in doc["latency_ms"].items() if k != "count"}
+
+
+def test_users_over_time_follow_the_shape_file(reference_service: ServiceProcess,
+                                              tmp_path: Path) -> None:
+    stages = [(6, 4, 50), (6, 12, 50), (6, 2, 50)]
+    path = shape_file(tmp_path, stages)
+    prefix = tmp_path / "locust"
+    swarm(reference_service, path, csv_prefix=str(prefix))
+    shape = load_shape(str(path))
+    with open(f"{prefix}_stats_history.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["Name"] == "Aggregated"]
+    start = int(rows[0]["Timestamp"])
+    checked = 0
+    for row in rows:
+        elapsed = int(row["Timestamp"]) - start
+        # Away from stage edges (Locust samples once a second and spawns at the given rate):
+        if any(abs(elapsed - edge) <= 1.5 for edge in (0, 6, 12, 18)):
+            continue
+        expected = shape.at(elapsed)
+        assert expected is not None or int(row["User Count"]) == 0
+        if expected is not None:
+            assert int(row["User Count"]) == expected[0], (elapsed, row["User Count"])
+            checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="needs a core to pin the generator to")
+def test_generator_starved_of_cpu_marks_the_run_invalid(reference_service: ServiceProcess,
+                                                        tmp_path: Path) -> None:
+    # Pin the swarm and three busy loops to one core: the generator cannot keep its plan.
+    burners = [subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c",
+                                 "import time\nend = time.time() + 120\n"
+                                 "while time.time() < end: pass"]) for _ in range(3)]
+    try:
+        doc = swarm(reference_service, shape_file(tmp_path, [(8, 60, 60)]),
+                    think_scale=0.02, command_prefix=("taskset", "-c", "0"))
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    assert doc["valid"] is False, doc["generator"]
+    assert doc["invalid_reasons"]
