@@ -197,7 +197,23 @@ def test_probe_writes_json_and_allure_results(reference_service: ServiceProcess,
 
 
 def test_demo_runs_the_main_job_and_exits_0(tmp_path: Path) -> None:
-    result = chatprobe("demo", "--messages", "300", "--customers", "10", "--quiet",
-                       "--json", str(tmp_path / "demo.json"))
+    result = chatprobe("demo", "--duration", "6", "--think-scale", "0.1", "--deadline-ms",
+                       "3000", "--json", str(tmp_path / "demo.json"), timeout=240)
     assert result.returncode == 0, (result.stdout, result.stderr)
-    assert json.loads((tmp_path / "demo.json").read_text())["delivered"] == 300
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    assert doc["sent"] == doc["delivered"] > 0
+    assert doc["shape"] == "midnight-spike" and doc["timeseries"]
+    assert "chatprobe run" in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["swarm", "--target", "http://127.0.0.1:9", "--shape", "no-such-shape"],
+    ["swarm", "--target", "http://127.0.0.1:9", "--script", "no-such-script"],
+    ["swarm", "--target", "ftp://x", "--shape", "pre-heat"],
+    ["swarm", "--target", "http://127.0.0.1:9", "--workers", "0"],
+])
+def test_swarm_bad_input_exits_3_with_one_line(args: list[str]) -> None:
+    result = chatprobe(*args)
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
