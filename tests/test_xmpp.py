@@ -14,6 +14,7 @@ from chatprobe.config import AgentCredential
 from chatprobe.errors import TargetError
 from chatprobe.probe import ProbeHooks, ProbeOptions, run_probe
 from chatprobe.protocols.xmpp import parse_frame
+from chatprobe.swarm.runner import SwarmOptions, run_swarm
 from chatprobe.verdict import RunSummary, Status
 from tests.conftest import ROOT, scaled
 from tests.servers import EjabberdServer, ProsodyServer
@@ -101,3 +102,22 @@ def test_garbage_is_a_protocol_error() -> None:
     with pytest.raises(TargetError) as caught:
         parse_frame("<message><body>unclosed")
     assert caught.value.cause.value == "protocol.invalid_frames"
+
+
+def test_two_worker_swarm_against_prosody_reconciles(prosody: ProsodyServer,
+                                                      tmp_path: Path) -> None:
+    config = prosody.target_config()
+    config_path = tmp_path / "prosody.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "protocol": config.protocol, "shop": config.shop,
+        "agents": [{"id": a.id, "token": a.token} for a in config.agents],
+        "sla_ms": 2000, "deadline_ms": 3000, "extra": config.extra}))
+    shape = tmp_path / "shape.yaml"
+    shape.write_text("stages:\n  - {duration: 6, users: 10, spawn_rate: 10}\n")
+    doc = run_swarm(SwarmOptions(target=prosody.url, shape=str(shape), workers=2,
+                                 think_scale=0.1, config=config_path),
+                    timeout_s=scaled(240))
+    assert doc["sent"] > 100
+    assert doc["sent"] == doc["delivered"] + doc["late"] + doc["lost"]
+    assert doc["delivered"] == doc["sent"], doc["connection_events"]
+    assert set(doc["generator"]) == {"w0", "w1"}

@@ -307,11 +307,9 @@ class MatrixAdapter(Adapter):
 
     async def connect_customer(self, customer_id: str, on_receive: OnReceive,
                                on_event: OnEvent) -> CustomerSession:
-        number = next(self._next_customer)
-        if number > self.customer_count:
-            raise HarnessError(f"the target config has {self.customer_count} customer "
-                               "accounts; ask for fewer customers or register more")
-        client = _Client(self, f"{self.customer_prefix}{number}", self.customer_password,
+        # Accounts are reused round-robin; every login is its own device and access token.
+        account = (next(self._next_customer) - 1) % self.customer_count + 1
+        client = _Client(self, f"{self.customer_prefix}{account}", self.customer_password,
                          on_receive, on_event, auto_join=False)
         await _login_or_close(client)
         return _MatrixCustomer(client, self)

@@ -78,20 +78,22 @@ def _namespace(element: ET.Element) -> str:
 def _error_condition(element: ET.Element) -> str:
     for child in element.iter():
         if child is not element and _namespace(child) in (
-                "urn:ietf:params:xml:ns:xmpp-stanzas", NS_SASL) and _local(child) != "text":
+                "urn:ietf:params:xml:ns:xmpp-stanzas", "urn:ietf:params:xml:ns:xmpp-streams",
+                NS_SASL) and _local(child) != "text":
             return _local(child)
     return "unknown"
 
 
 class _XmppLink(ReconnectingLink):
     def __init__(self, adapter: XmppAdapter, user: str, password: str, on_receive: OnReceive,
-                 on_event: OnEvent) -> None:
+                 on_event: OnEvent, resource: str = "chatprobe") -> None:
         super().__init__(adapter.ws_url, adapter.config, on_event, subprotocols=["xmpp"])
         self.domain = adapter.domain
         self.user = user
         self.password = password
         self.on_receive = on_receive
         self.jid = f"{user}@{self.domain}"
+        self.resource = resource
         self.stream_management = False
         self.handled_in = 0  # stanzas received since <enable/>, for our <a h=.../>
         self.sent_out = 0  # stanzas sent since <enable/>, which the server's h counts
@@ -130,12 +132,12 @@ class _XmppLink(ReconnectingLink):
         await self._expect(ws, NS_FRAMING, "open")
         features = await self._expect(ws, NS_STREAMS, "features")
         await ws.send(f"<iq xmlns='{NS_CLIENT}' type='set' id='bind'><bind xmlns='{NS_BIND}'>"
-                      "<resource>chatprobe</resource></bind></iq>")
+                      f"<resource>{escape(self.resource)}</resource></bind></iq>")
         bound = await self._expect(ws, NS_CLIENT, "iq")
         if bound.get("type") != "result":
             raise TargetError(Cause.AUTH_REJECTED, f"bind refused: {_error_condition(bound)}")
         jid = bound.find(f"{_tag(NS_BIND, 'bind')}/{_tag(NS_BIND, 'jid')}")
-        full_jid = jid.text if jid is not None and jid.text else f"{self.jid}/chatprobe"
+        full_jid = jid.text if jid is not None and jid.text else f"{self.jid}/{self.resource}"
         self.stream_management = features.find(_tag(NS_SM, "sm")) is not None
         self.handled_in = self.sent_out = 0
         self.index_to_id.clear()
@@ -196,7 +198,13 @@ class _XmppLink(ReconnectingLink):
                 self._acked_up_to(int(element.get("h", "0")))
             return
         if ns == NS_STREAMS and name == "error":
-            raise TargetError(Cause.DISCONNECTED, f"stream error: {_error_condition(element)}")
+            condition = _error_condition(element)
+            if condition in ("conflict", "not-authorized", "policy-violation"):
+                # Retrying would fight another session or be refused again.
+                raise TargetError(Cause.DISCONNECTED, f"stream error: {condition}")
+            # e.g. system-shutdown: the server closes the socket next and we reconnect.
+            self.on_event("error", f"stream error: {condition}")
+            return
         if ns != NS_CLIENT or name not in STANZAS:
             return  # <close/> and other framing: the socket close that follows says it all
         self.handled_in += 1
@@ -319,12 +327,13 @@ class XmppAdapter(Adapter):
 
     async def connect_customer(self, customer_id: str, on_receive: OnReceive,
                                on_event: OnEvent) -> CustomerSession:
+        # Accounts are reused round-robin (a swarm opens far more conversations than there
+        # are accounts); each connection binds its own resource, so sessions never collide.
         number = next(self._next_customer)
-        if number > self.customer_count:
-            raise HarnessError(f"the target config has {self.customer_count} customer "
-                               "accounts; ask for fewer customers or register more")
-        link = _XmppLink(self, f"{self.customer_prefix}{number}", self.customer_password,
-                         on_receive, on_event)
+        account = (number - 1) % self.customer_count + 1
+        resource = "".join(ch for ch in customer_id if ch.isalnum() or ch in "-_")[:60]
+        link = _XmppLink(self, f"{self.customer_prefix}{account}", self.customer_password,
+                         on_receive, on_event, resource=resource or f"c{number}")
         await link.start()
         return _XmppCustomer(link, self._agent_cycle)
 
