@@ -1,0 +1,165 @@
+"""Benchmark (not a test): what one swarm worker process sustains, against a hand-written
+locustfile, and how many idle customers one worker holds. Run in one go on this machine:
+
+    .venv/bin/python benchmarks/bench_swarm.py [--seconds 15] [--idle 10000]
+
+(a) stamped messages/s one worker sustains with every message confirmed by a probe agent
+    (chatprobe swarm, 1 worker, against the reference service with an in-memory database),
+    stepping the load up until the run is invalid (the generator fell behind its plan);
+(b) round trips/s of a plain locustfile (websocket-client, send and wait for the echo) with
+    the same number of users, and the ratio (a)/(b);
+(c) concurrent idle customers one worker holds, and memory per customer.
+Everything runs on loopback; all three share this machine's cores with their servers, which
+the output says alongside the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from chatprobe.config import load_target  # noqa: E402
+from chatprobe.protocols.reference import ReferenceAdapter  # noqa: E402
+from chatprobe.swarm.runner import SwarmOptions, run_swarm  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_service() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "chatprobe.cli", "serve", "--port", "0",
+                             "--db", ":memory:", "--admin-token", "bench"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    return proc, line.rsplit(" ", 1)[1].strip()
+
+
+def swarm_level(url: str, users: int, think_scale: float, seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        shape = Path(folder) / "flat.yaml"
+        shape.write_text(f"stages:\n  - {{duration: {seconds}, users: {users}, "
+                         f"spawn_rate: {users}}}\n")
+        doc = run_swarm(SwarmOptions(target=url, shape=str(shape), think_scale=think_scale,
+                                     admin_token="bench", deadline_ms=5000.0))
+    series = [row for row in doc["timeseries"] if row["users"] == users]
+    steady = series[1:-1] or series
+    rate = sum(r["delivered_per_s"] for r in steady) / max(1, len(steady))
+    return {"users": users, "delivered_per_s": rate, "valid": doc["valid"],
+            "lost": doc["lost"], "p99_ms": doc["latency_ms"]["p99"],
+            "why": doc["invalid_reasons"]}
+
+
+def bench_a(seconds: float) -> tuple[float, int]:
+    proc, url = start_service()
+    best, best_users = 0.0, 0
+    try:
+        # Each user sends 5 messages per script round; think_scale 0.01 -> ~48 messages/s.
+        for users in (50, 100, 200, 400):
+            level = swarm_level(url, users, 0.01, seconds)
+            print(f"  (a) {users:>4} users: {level['delivered_per_s']:>8.0f} delivered/s, "
+                  f"valid={level['valid']}, lost={level['lost']}, p99={level['p99_ms']} ms",
+                  flush=True)
+            if not level["valid"]:
+                print(f"      invalid: {'; '.join(level['why'])}", flush=True)
+                break
+            rate = float(level["delivered_per_s"])
+            if rate > best:
+                best, best_users = rate, users
+    finally:
+        proc.terminate()
+        proc.wait()
+    return best, best_users
+
+
+def bench_b(users: int, seconds: float) -> float:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "echo_server.py"),
+                               str(port)])
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        with tempfile.TemporaryDirectory() as folder:
+            prefix = Path(folder) / "echo"
+            subprocess.run([sys.executable, "-m", "locust", "-f",
+                            str(ROOT / "benchmarks" / "plain_echo_locustfile.py"), "--headless",
+                            "--host", f"ws://127.0.0.1:{port}/", "-u", str(users), "-r",
+                            str(users), "-t", f"{int(seconds)}s", "--csv", str(prefix),
+                            "--only-summary", "--loglevel", "ERROR"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           cwd=ROOT)
+            with open(f"{prefix}_stats.csv", newline="") as handle:
+                rows = {row["Name"]: row for row in csv.DictReader(handle)}
+            return float(rows["Aggregated"]["Requests/s"])
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def _hold_idle(url: str, count: int) -> tuple[int, float]:
+    adapter = ReferenceAdapter(url, load_target(None))
+    process = psutil.Process(os.getpid())
+    before = process.memory_info().rss
+    sessions = []
+    for start in range(0, count, 200):
+        batch = await asyncio.gather(*[
+            adapter.connect_customer(f"idle-{i}", lambda t, s: None, lambda k, d: None)
+            for i in range(start, min(count, start + 200))])
+        sessions.extend(batch)
+    after = process.memory_info().rss
+    for session in sessions:
+        await session.close()
+    return len(sessions), (after - before) / max(1, len(sessions))
+
+
+def bench_c(count: int) -> tuple[int, float]:
+    proc, url = start_service()
+    try:
+        return asyncio.run(_hold_idle(url, count))
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--idle", type=int, default=10_000)
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores; servers, generator and Locust share them")
+    best, users = bench_a(args.seconds)
+    print(f"(a) chatprobe swarm, 1 worker: {best:,.0f} stamped messages/s sustained, every one "
+          f"confirmed by a probe agent ({users} users)")
+    echo = bench_b(users or 100, args.seconds)
+    print(f"(b) plain locustfile (websocket-client echo), {users or 100} users: "
+          f"{echo:,.0f} round trips/s")
+    print(f"    ratio (a)/(b) = {best / echo:.2f}  (target >= 1.0; aim 2.0)")
+    held, per_customer = bench_c(args.idle)
+    print(f"(c) idle customers held by one process: {held:,}, "
+          f"{per_customer / 1024:.1f} KB each (target >= 10,000 at <= 20 KB)")
+
+
+if __name__ == "__main__":
+    main()
