@@ -208,7 +208,8 @@ class ChatService:
             return "push_disabled", None
         if conv.agent is None:
             return "queued", None
-        return "accepted", None
+        # Routable: stored as assigned right away, one write per message.
+        return "assigned", None
 
     def accept_customer_message(self, session: Session, conv: ConversationRow,
                                 client_msg_id: str, text: str) -> MessageRow:
@@ -223,15 +224,16 @@ class ChatService:
             return existing
         counters = self.counters
         counters["accepted"] += 1
-        if status == "accepted":
-            self._route_accepted(conv, row)
+        if status == "assigned":
+            self._route_accepted(conv, row, stored_as_assigned=True)
         elif status == "queued":
             counters["queued"] += 1
         else:
             counters[status] += 1
         return row
 
-    def _route_accepted(self, conv: ConversationRow, row: MessageRow) -> None:
+    def _route_accepted(self, conv: ConversationRow, row: MessageRow,
+                        stored_as_assigned: bool = False) -> None:
         """Apply injected faults and push a routed message towards its agent."""
         assert conv.agent is not None
         faults = self.faults
@@ -240,7 +242,8 @@ class ChatService:
             self.store.set_status(row.id, "dropped", "fault", conv.agent)
             self.counters["dropped"] += 1
             return
-        self.store.set_status(row.id, "assigned", None, conv.agent)
+        if not stored_as_assigned:
+            self.store.set_status(row.id, "assigned", None, conv.agent)
         agent_key = (conv.shop, conv.agent)
         frames = [(agent_key, self._agent_frame(conv, row))]
         if faults.duplicate and rng.random() < faults.duplicate:

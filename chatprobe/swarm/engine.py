@@ -132,6 +132,8 @@ class WorkerEngine:
         self.failure: str | None = None
         self._seq: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._handoff: deque[tuple[str, str, str]] = deque()
+        self._wake_pending = False
 
     # -- greenlet side -----------------------------------------------------------------
 
@@ -160,8 +162,11 @@ class WorkerEngine:
         self._seq[conversation] = seq
         text = self.codec.stamp_text(body, conversation, conversation, seq, intended_us)
         out.sends.append([conversation, conversation, seq, intended_us, sent, kind])
-        self.thread.call(self._send_in_loop, conversation, f"{self.codec.run}-{conversation}-"
-                         f"{seq}", text)
+        self._handoff.append((conversation, f"{self.codec.run}-{conversation}-{seq}", text))
+        if not self._wake_pending:
+            # One wake-up per burst, not per message: the cross-thread call is the costly part.
+            self._wake_pending = True
+            self.thread.call(self._drain_handoff)
 
     def take_batch(self, cpu_percent: float | None) -> dict[str, Any]:
         out = self.out
@@ -181,7 +186,11 @@ class WorkerEngine:
 
     def end_conversation(self, user: str) -> None:
         """The user's script is over: its customer closes the conversation and leaves."""
-        self.thread.call(self._end_in_loop, f"{self.worker}{user}")
+        # Through the same queue as the sends, so it cannot overtake the last message.
+        self._handoff.append((f"{self.worker}{user}", "", ""))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.thread.call(self._drain_handoff)
 
     def stop(self) -> None:
         if self.thread.loop is not None:
@@ -228,7 +237,18 @@ class WorkerEngine:
             self.out.events.append(f"{who} {kind}: {detail}")
         return on_event
 
+    def _drain_handoff(self) -> None:
+        # Clear the flag before draining: a send appended after this point schedules
+        # another drain, so nothing is left behind.
+        self._wake_pending = False
+        handoff = self._handoff
+        for _ in range(len(handoff)):
+            self._send_in_loop(*handoff.popleft())
+
     def _send_in_loop(self, conversation: str, client_id: str, text: str) -> None:
+        if not client_id:
+            self._end_in_loop(conversation)
+            return
         customer = self.customers.get(conversation)
         if customer is None:
             customer = self.customers[conversation] = _Customer(conversation)

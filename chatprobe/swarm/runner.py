@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,12 @@ class SwarmOptions:
                    "--cp-think-scale", str(self.think_scale), "--cp-json", str(json_path),
                    "--cp-quiet"]
         if self.workers > 1:
-            command += ["--processes", str(self.workers)]
+            # Master and workers talk over loopback on a free port: never on every interface,
+            # and never on Locust's fixed default port that a second swarm would also want.
+            port = _free_port()
+            command += ["--processes", str(self.workers), "--master-bind-host", "127.0.0.1",
+                        "--master-bind-port", str(port), "--master-host", "127.0.0.1",
+                        "--master-port", str(port)]
         optional = {"--cp-duration": self.duration_s, "--cp-config": self.config,
                     "--cp-admin-token": self.admin_token, "--cp-sla-ms": self.sla_ms,
                     "--cp-deadline-ms": self.deadline_ms}
@@ -62,6 +68,12 @@ class SwarmOptions:
         if self.csv_prefix:
             command += ["--csv", self.csv_prefix, "--csv-full-history"]
         return [*self.command_prefix, *command, *self.extra_locust_args]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str, Any]:
