@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import AgentSelf, Cause
@@ -157,6 +158,9 @@ class _Link(ReconnectingLink):
             await self.write(wire.encode(frame))
             async with asyncio.timeout(self.config.connect_timeout_s):
                 return await future
+        except ConnectionClosed:
+            raise TargetError(Cause.DISCONNECTED, f"connection lost during {frame['type']}") \
+                from None
         finally:
             self.other_futures.pop(key, None)
 
