@@ -114,3 +114,15 @@ def test_generator_starved_of_cpu_marks_the_run_invalid(reference_service: Servi
             burner.wait()
     assert doc["valid"] is False, doc["generator"]
     assert doc["invalid_reasons"]
+
+
+def test_customers_whose_connection_drops_mid_conversation_lose_nothing(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    doc = swarm(reference_service, shape_file(tmp_path, [(6, 15, 15)]),
+                extra_locust_args=("--cp-reconnect-share", "1"))
+    stats = reference_service.stats()
+    drops = [e for e in doc["connection_events"] if "dropped its connection" in e]
+    assert drops, doc["connection_events"]
+    assert any("resumed" in e for e in doc["connection_events"])
+    assert doc["sent"] == stats["accepted"] == doc["delivered"] + doc["late"]
+    assert doc["lost"] == 0 and doc["duplicate"] == 0 and doc["reordered"] == 0

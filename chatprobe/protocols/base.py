@@ -61,6 +61,11 @@ class CustomerSession(ABC):
     async def close_conversation(self, conversation: str) -> None:  # noqa: B027
         """End the conversation as a customer who is done (optional; default: nothing)."""
 
+    def drop_connection(self) -> bool:
+        """Cut the connection without goodbye, as a mobile network does, and let the session
+        reconnect by itself. False when the adapter cannot (the swarm then skips it)."""
+        return False
+
     @abstractmethod
     async def close(self) -> None: ...
 

@@ -210,6 +210,13 @@ class ReconnectingLink(ABC):
         with contextlib.suppress(ConnectionClosed):
             await self.write(text)
 
+    def drop(self) -> None:
+        """Cut the connection the way a mobile network does: no close handshake. The reader
+        then reconnects and resumes like after any real drop (used to test that path)."""
+        ws = self.ws
+        if ws is not None and ws.transport is not None:
+            ws.transport.abort()
+
     async def close(self) -> None:
         self.closing = True
         if self.ws is not None:

@@ -193,6 +193,10 @@ class _ReferenceCustomer(CustomerSession):
                  "client_msg_id": client_msg_id, "text": text}
         return await self.link.send_acked(frame, client_msg_id)
 
+    def drop_connection(self) -> bool:
+        self.link.drop()
+        return True
+
     async def close_conversation(self, conversation: str) -> None:
         await self.link.write_or_hold(wire.encode({"type": "close",
                                                    "conversation": int(conversation)}))

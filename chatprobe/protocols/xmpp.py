@@ -267,6 +267,10 @@ class _XmppCustomer(CustomerSession):
     def failure(self) -> TargetError | None:
         return self.link.dead
 
+    def drop_connection(self) -> bool:
+        self.link.drop()
+        return True
+
     async def open_conversation(self, ref: str, channel: str) -> Conversation:
         agent_jid, agent_id = next(self.agents)
         return Conversation(agent_jid, "open", agent_id)

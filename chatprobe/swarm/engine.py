@@ -34,6 +34,10 @@ from chatprobe.swarm.collector import LATE_SEND_US, empty_batch
 log = logging.getLogger("chatprobe.swarm")
 
 
+END = "end"  # control items in the hand-off queue (a send always has a client id)
+DROP = "drop"
+
+
 def now_us() -> int:
     return time.monotonic_ns() // 1000
 
@@ -187,7 +191,14 @@ class WorkerEngine:
     def end_conversation(self, user: str) -> None:
         """The user's script is over: its customer closes the conversation and leaves."""
         # Through the same queue as the sends, so it cannot overtake the last message.
-        self._handoff.append((f"{self.worker}{user}", "", ""))
+        self._control(user, END)
+
+    def drop_connection(self, user: str) -> None:
+        """The customer's network drops (mobile): the session must reconnect and resume."""
+        self._control(user, DROP)
+
+    def _control(self, user: str, what: str) -> None:
+        self._handoff.append((f"{self.worker}{user}", "", what))
         if not self._wake_pending:
             self._wake_pending = True
             self.thread.call(self._drain_handoff)
@@ -247,7 +258,10 @@ class WorkerEngine:
 
     def _send_in_loop(self, conversation: str, client_id: str, text: str) -> None:
         if not client_id:
-            self._end_in_loop(conversation)
+            if text == END:
+                self._end_in_loop(conversation)
+            elif (customer := self.customers.get(conversation)) is not None:
+                customer.outbox.put_nowait((DROP, ""))
             return
         customer = self.customers.get(conversation)
         if customer is None:
@@ -278,6 +292,10 @@ class WorkerEngine:
             conversation = await session.open_conversation(customer.name, channel)
             while (item := await customer.outbox.get()) is not None:
                 client_id, text = item
+                if client_id == DROP:
+                    if session.drop_connection():
+                        self.out.events.append(f"{customer.name} dropped its connection")
+                    continue
                 # The ack arrives later; not waiting for it keeps the open-model pace.
                 await session.send(conversation.id, client_id, text)
             # The customer leaves: close the conversation so the agent's capacity frees up.

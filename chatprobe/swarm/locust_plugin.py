@@ -62,6 +62,9 @@ def _options(parser: Any) -> None:
     group.add_argument("--cp-script", default="shopper", help="conversation script")
     group.add_argument("--cp-think-scale", type=float, default=1.0,
                        help="multiply every think time (shorter = more messages/s)")
+    group.add_argument("--cp-reconnect-share", type=float, default=-1.0,
+                       help="share of customers whose connection drops once mid-conversation "
+                       "(default: the script's reconnect_share)")
     group.add_argument("--cp-json", default="", help="write chatprobe's summary JSON here",
                        include_in_web_ui=False)
     group.add_argument("--cp-admin-token", default="", include_in_web_ui=False)
@@ -289,14 +292,19 @@ class ChatCustomer(User):
             gevent.sleep(1)
             return
         scale = _opts(self.environment).cp_think_scale
+        share = _opts(self.environment).cp_reconnect_share
+        share = script.reconnect_share if share < 0 else share
         name = f"u{self.index}"
+        drop_after = self.rng.randrange(len(script.steps)) if self.rng.random() < share else -1
         intended = now_us()
-        for step in script.steps:
+        for number, step in enumerate(script.steps):
             intended += int(step.think_s * scale * 1_000_000)
             wait_s = (intended - now_us()) / 1e6
             if wait_s > 0:
                 gevent.sleep(wait_s)
             engine.send(name, step.kind, script.body(step, self.rng), intended)
+            if number == drop_after:
+                engine.drop_connection(name)
         engine.end_conversation(name)
         # A new conversation next time round, as a returning customer would start.
         ChatCustomer._counter += 1

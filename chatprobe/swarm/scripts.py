@@ -33,6 +33,8 @@ class Step:
 class Script:
     name: str
     steps: tuple[Step, ...]
+    # Share of customers whose connection drops once mid-conversation (mobile users).
+    reconnect_share: float = 0.0
 
     def body(self, step: Step, rng: random.Random) -> str:
         return rng.choice(step.texts).format(
@@ -62,7 +64,10 @@ def parse_script(document: Any, source: str) -> Script:
         steps.append(Step(item["kind"], float(think), tuple(texts)))
     if not steps:
         raise HarnessError(f"{source}: a conversation script needs at least one step")
-    return Script(str(document.get("name", Path(source).stem)), tuple(steps))
+    share = document.get("reconnect_share", 0.0)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise HarnessError(f"{source}: reconnect_share must be between 0 and 1")
+    return Script(str(document.get("name", Path(source).stem)), tuple(steps), float(share))
 
 
 def load_script(name_or_path: str) -> Script:
