@@ -108,6 +108,7 @@ class LedgerCounts:
     foreign: int = 0
     unknown: int = 0
     received_after_deadline: int = 0
+    resent: int = 0  # sends recorded twice under one stamp (ignored; a harness fault)
 
     def merge(self, other: LedgerCounts) -> None:
         for key, value in asdict(other).items():
@@ -175,8 +176,13 @@ class Ledger:
     def record_send(self, sender: str, conversation: str, seq: int, intended_us: int,
                     sent_us: int, kind: str = "") -> MessageRecord:
         """Record a send stamped elsewhere (another process made the stamp)."""
-        record = MessageRecord(sender, conversation, seq, intended_us, sent_us, kind)
         key = (conversation, seq)
+        known = self._pending.get(key) or self._closed.get(key)
+        if known is not None:
+            # The same stamp recorded twice is a harness fault; never count one message twice.
+            self.counts.resent += 1
+            return known
+        record = MessageRecord(sender, conversation, seq, intended_us, sent_us, kind)
         self._pending[key] = record
         self.counts.sent += 1
         self.counts.pending += 1

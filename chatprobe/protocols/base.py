@@ -82,6 +82,12 @@ class AgentSession(ABC):
     async def reply(self, conversation: str, client_msg_id: str,
                     text: str) -> asyncio.Future[Ack]: ...
 
+    async def reply_to(self, server_id: str, client_msg_id: str,
+                       text: str) -> asyncio.Future[Ack] | None:
+        """Answer the message this session received with ``server_id`` (in its conversation).
+        None when the adapter cannot tell which conversation that was."""
+        return None
+
     @abstractmethod
     async def close(self) -> None: ...
 

@@ -107,6 +107,9 @@ class _Link(ReconnectingLink):
         if frame["type"] != "welcome":
             raise TargetError(Cause.PROTOCOL, f"expected welcome, got {frame['type']!r}")
         self.welcome = frame
+        if self.last_id is None and isinstance(frame.get("last_id"), int):
+            # Nothing seen yet: a later resume must still replay what arrives from now on.
+            self.last_id = frame["last_id"]
         # Resend what the service may never have received; it deduplicates by client id.
         for pending in list(self.unacked.values()):
             await ws.send(wire.encode(pending))
@@ -206,9 +209,11 @@ class _ReferenceCustomer(CustomerSession):
 
 
 class _ReferenceAgent(AgentSession):
-    def __init__(self, link: _Link, profile: AgentSelf) -> None:
+    def __init__(self, link: _Link, conversation_of: dict[str, int],
+                 profile: AgentSelf) -> None:
         self.link = link
         self.profile = profile
+        self.conversation_of = conversation_of
 
     @property
     def failure(self) -> TargetError | None:
@@ -220,16 +225,33 @@ class _ReferenceAgent(AgentSession):
                  "client_msg_id": client_msg_id, "text": text}
         return await self.link.send_acked(frame, client_msg_id)
 
+    async def reply_to(self, server_id: str, client_msg_id: str,
+                       text: str) -> asyncio.Future[Ack] | None:
+        conversation = self.conversation_of.get(server_id)
+        if conversation is None:
+            return None
+        return await self.reply(str(conversation), client_msg_id, text)
+
     async def close(self) -> None:
         await self.link.close()
 
 
-def _message_receiver(on_receive: OnReceive) -> Callable[[wire.Frame], None]:
+REPLY_MEMORY = 100_000  # message ids an agent remembers the conversation of, for replies
+
+
+def _message_receiver(on_receive: OnReceive,
+                      conversation_of: dict[str, int] | None = None
+                      ) -> Callable[[wire.Frame], None]:
     def on_frame(frame: wire.Frame) -> None:
         if frame["type"] == "message":
             text = frame.get("text")
             if isinstance(text, str):
-                on_receive(text, str(frame.get("id")))
+                server_id = str(frame.get("id"))
+                if conversation_of is not None:
+                    conversation_of[server_id] = frame.get("conversation", 0)
+                    if len(conversation_of) > REPLY_MEMORY:
+                        del conversation_of[next(iter(conversation_of))]
+                on_receive(text, server_id)
     return on_frame
 
 
@@ -261,13 +283,14 @@ class ReferenceAdapter(Adapter):
         hello = {"type": "hello", "role": "agent", "shop": self.config.shop,
                  "agent": credential.id, "token": credential.token,
                  "client_version": self.config.client_version}
-        link = _Link(self, hello, _message_receiver(on_receive), on_event)
+        conversation_of: dict[str, int] = {}
+        link = _Link(self, hello, _message_receiver(on_receive, conversation_of), on_event)
         await link.start()
         profile: dict[str, Any] = link.welcome.get("profile") or {}
         if not isinstance(profile, dict):
             await link.close()
             raise TargetError(Cause.PROTOCOL, "welcome 'profile' is not an object")
-        return _ReferenceAgent(link, AgentSelf(
+        return _ReferenceAgent(link, conversation_of, AgentSelf(
             agent=credential.id,
             role=str(profile.get("role", "customer_service")),
             receive_messages=bool(profile.get("receive_messages", True)),

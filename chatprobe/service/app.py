@@ -468,7 +468,9 @@ def _after_login(service: ChatService, session: Session) -> None:
     shop = service.shops[session.shop]
     welcome: wire.Frame = {"type": "welcome", "role": session.role, "server_time": time.time(),
                            "protocol": wire.PROTOCOL_VERSION,
-                           "client_supported": session.version_ok}
+                           "client_supported": session.version_ok,
+                           # Where a client that has seen nothing yet resumes from later.
+                           "last_id": service.store.last_message_id()}
     if session.role == "agent":
         agent = shop.agents[session.user]
         hours = agent.business_hours or shop.business_hours

@@ -129,6 +129,10 @@ class Store:
         self.db.execute("UPDATE messages SET status=?, reason=?, agent=COALESCE(?, agent)"
                         " WHERE id=?", (status, reason, agent, message_id))
 
+    def last_message_id(self) -> int:
+        (last,) = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
+        return int(last)
+
     def get_message(self, message_id: int) -> MessageRow | None:
         row = self.db.execute("SELECT * FROM messages WHERE id=?", (message_id,)).fetchone()
         return MessageRow(*row) if row else None

@@ -28,12 +28,15 @@ from chatprobe.protocols.base import (
     CustomerSession,
     adapter_for,
 )
+from chatprobe.protocols.link import SeenIds
 from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import LATE_SEND_US, empty_batch
+from chatprobe.swarm.scripts import AGENT_REPLIES, Script
 
 log = logging.getLogger("chatprobe.swarm")
 
 
+REPLY_SUFFIX = ">r"  # an agent's reply travels in its own stamped conversation
 END = "end"  # control items in the hand-off queue (a send always has a client id)
 DROP = "drop"
 
@@ -101,6 +104,8 @@ class _Customer:
 
     name: str
     outbox: asyncio.Queue[tuple[str, str] | None] = field(default_factory=asyncio.Queue)
+    awaiting_replies: set[int] = field(default_factory=set)
+    replies_done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -120,7 +125,8 @@ class WorkerEngine:
     """One per Locust process: customers (this worker's users) and, on one worker, agents."""
 
     def __init__(self, target_url: str, config: TargetConfig, codec: StampCodec,
-                 worker: str, run_agents: bool) -> None:
+                 worker: str, run_agents: bool, script: Script | None = None) -> None:
+        """``script``: the conversation script, so agents know which messages to answer."""
         self.target_url = target_url
         self.config = config
         self.codec = codec
@@ -130,8 +136,11 @@ class WorkerEngine:
         self.out = EngineOutput()
         self.thread = LoopThread()
         self.adapter: Adapter | None = None
+        self.script = script
         self.customers: dict[str, _Customer] = {}
         self.agents: list[AgentSession] = []
+        self.agent_by_id: dict[str, AgentSession] = {}
+        self._replied = SeenIds()
         self.agents_ready = False
         self.failure: str | None = None
         self._seq: dict[str, int] = {}
@@ -218,8 +227,10 @@ class WorkerEngine:
         assert self.adapter is not None
         try:
             for credential in self.config.agents:
-                self.agents.append(await self.adapter.login_agent(
-                    credential, self._receiver(credential.id), self._event(credential.id)))
+                agent = await self.adapter.login_agent(
+                    credential, self._receiver(credential.id), self._event(credential.id))
+                self.agents.append(agent)
+                self.agent_by_id[credential.id] = agent
         except TargetError as exc:
             self.failure = f"agent login failed: {exc}"
             return
@@ -240,6 +251,53 @@ class WorkerEngine:
                 self.out.forged += 1
             else:
                 receipts.append([stamp.conversation, stamp.seq, agent_id, received])
+                if server_id is not None:
+                    self._maybe_reply(agent_id, stamp.conversation, stamp.seq, server_id,
+                                      received)
+
+        return on_receive
+
+    def _maybe_reply(self, agent_id: str, conversation: str, seq: int, server_id: str,
+                     received_us: int) -> None:
+        """Answer at once where the script expects a reply: the reply is a stamped message
+        of its own (agent -> customer), planned for the moment the question arrived."""
+        step = self.script.step_for_seq(seq) if self.script is not None else None
+        agent = self.agent_by_id.get(agent_id)
+        if step is None or not step.expects_reply or agent is None:
+            return
+        if not self._replied.first_time((conversation, seq)):
+            return  # a duplicate of a question already answered: a person answers once
+        reply_conversation = f"{conversation}{REPLY_SUFFIX}"
+        text = self.codec.stamp_text(AGENT_REPLIES[seq % len(AGENT_REPLIES)], agent_id,
+                                     reply_conversation, seq, received_us)
+        self.out.sends.append([agent_id, reply_conversation, seq, received_us, now_us(),
+                               f"reply:{step.kind}"])
+
+        async def send_reply() -> None:
+            try:
+                future = await agent.reply_to(server_id, f"{self.codec.run}-r-{conversation}-"
+                                                         f"{seq}", text)
+            except TargetError:
+                return
+            if future is None:
+                self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted lost")
+
+        self._spawn(send_reply())
+
+    def _customer_receiver(self, customer: _Customer) -> Callable[[str, str | None], None]:
+        parse = self.codec.parse
+        receipts = self.out.receipts
+        receiver = f"customer:{customer.name}"
+
+        def on_receive(text: str, server_id: str | None) -> None:
+            received = now_us()
+            stamp = parse(text)
+            if stamp is None or stamp.foreign or not stamp.valid:
+                return
+            receipts.append([stamp.conversation, stamp.seq, receiver, received])
+            customer.awaiting_replies.discard(stamp.seq)
+            if not customer.awaiting_replies:
+                customer.replies_done.set()
 
         return on_receive
 
@@ -285,7 +343,7 @@ class WorkerEngine:
         session: CustomerSession | None = None
         try:
             session = await self.adapter.connect_customer(
-                f"swarm-{self.codec.run}-{customer.name}", lambda text, sid: None,
+                f"swarm-{self.codec.run}-{customer.name}", self._customer_receiver(customer),
                 self._event(customer.name))
             channels = self.config.channels
             channel = channels[zlib.crc32(customer.name.encode()) % len(channels)]
@@ -297,7 +355,17 @@ class WorkerEngine:
                         self.out.events.append(f"{customer.name} dropped its connection")
                     continue
                 # The ack arrives later; not waiting for it keeps the open-model pace.
+                seq = int(client_id.rsplit("-", 1)[1])
+                step = self.script.step_for_seq(seq) if self.script is not None else None
+                if step is not None and step.expects_reply:
+                    customer.awaiting_replies.add(seq)
+                    customer.replies_done.clear()
                 await session.send(conversation.id, client_id, text)
+            if customer.awaiting_replies:
+                # Stay for the answers (bounded by the deadline), as a customer would.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.deadline_ms / 1000):
+                        await customer.replies_done.wait()
             # The customer leaves: close the conversation so the agent's capacity frees up.
             await session.close_conversation(conversation.id)
         except TargetError as exc:

@@ -16,7 +16,6 @@ import os
 import random
 import secrets
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -85,6 +84,7 @@ class SwarmState:
     collector: Collector | None = None
     script: Script | None = None
     done_workers: set[str] = dataclasses.field(default_factory=set)
+    expected_workers: int = 0
     greenlets: list[gevent.Greenlet] = dataclasses.field(default_factory=list)
     summary_written: bool = False
     events: list[str] = dataclasses.field(default_factory=list)
@@ -144,6 +144,21 @@ def _on_batch(environment: Environment, msg: Any, **_: Any) -> None:
 def _on_done(environment: Environment, msg: Any, **_: Any) -> None:
     STATE.done_workers.add(str(msg.data["worker"]))
     STATE.events.extend(msg.data.get("events", []))
+    if len(STATE.done_workers) >= STATE.expected_workers:
+        # Every worker's last batch is in: nothing more can change the counts.
+        _write_summary(environment)
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Environment, **_: Any) -> None:
+    # Headless shape runs end with quit: the master's test_stop fires before the workers
+    # hear of it, and their final batches arrive just before this point.
+    if isinstance(environment.runner, MasterRunner) and not STATE.summary_written:
+        missing = STATE.expected_workers - len(STATE.done_workers)
+        if missing > 0:
+            log.error("chatprobe: %d worker(s) sent no final batch; their last messages "
+                      "may be counted as lost", missing)
+        _write_summary(environment)
 
 
 def _report_outcome(environment: Environment) -> Any:
@@ -178,11 +193,12 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
                                     keep_raw=bool(_opts(environment).cp_raw_latencies))
         STATE.greenlets.append(gevent.spawn(_tick_collector, environment))
     if isinstance(runner, MasterRunner):
+        STATE.expected_workers = len(runner.clients)
         return
     worker_index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
     STATE.script = load_script(_opts(environment).cp_script)
     STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}",
-                                run_agents=worker_index == 0)
+                                run_agents=worker_index == 0, script=STATE.script)
     STATE.engine.start(gevent.sleep)
     if STATE.engine.failure:
         log.error("chatprobe: %s", STATE.engine.failure)
@@ -229,18 +245,12 @@ def _on_test_stop(environment: Environment, **_: Any) -> None:
                                                "events": STATE.events[-50:]})
         STATE.engine.stop()
         STATE.engine = None
-    if isinstance(runner, MasterRunner):
-        expected = {f"w{i}" for i in range(len(runner.clients))}
-        deadline = time.monotonic() + 15
-        while not expected <= STATE.done_workers and time.monotonic() < deadline:
-            gevent.sleep(0.05)
-        if not expected <= STATE.done_workers:
-            log.error("chatprobe: no final batch from %s", sorted(expected - STATE.done_workers))
-    if not isinstance(runner, WorkerRunner):
+    if isinstance(runner, LocalRunner):
         _write_summary(environment)
-    for greenlet in STATE.greenlets:
-        greenlet.kill(block=False)
-    STATE.greenlets.clear()
+    if isinstance(runner, WorkerRunner | LocalRunner):
+        for greenlet in STATE.greenlets:
+            greenlet.kill(block=False)
+        STATE.greenlets.clear()
 
 
 def _write_summary(environment: Environment) -> None:
@@ -255,6 +265,9 @@ def _write_summary(environment: Environment) -> None:
     doc = collector.finish(summary)
     doc["shape"] = _opts(environment).cp_shape
     doc["connection_events"] = STATE.events[-50:]
+    for greenlet in STATE.greenlets:
+        greenlet.kill(block=False)
+    STATE.greenlets.clear()
     if not _opts(environment).cp_quiet:
         print(render_table(doc), file=sys.stderr, flush=True)
     raw_path = _opts(environment).cp_raw_latencies

@@ -27,6 +27,11 @@ class Step:
     kind: str
     think_s: float
     texts: tuple[str, ...]
+    expects_reply: bool = False  # the probe agent answers it: measures agent -> customer
+
+
+AGENT_REPLIES = ("Let me check that for you.", "Yes, it is in stock and ships tonight.",
+                 "I have forwarded this to our after-sales team, sorry for the wait.")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,10 @@ class Script:
     steps: tuple[Step, ...]
     # Share of customers whose connection drops once mid-conversation (mobile users).
     reconnect_share: float = 0.0
+
+    def step_for_seq(self, seq: int) -> Step | None:
+        """Each conversation runs the script once, so its n-th message is step n."""
+        return self.steps[seq - 1] if 0 < seq <= len(self.steps) else None
 
     def body(self, step: Step, rng: random.Random) -> str:
         return rng.choice(step.texts).format(
@@ -61,7 +70,10 @@ def parse_script(document: Any, source: str) -> Script:
                 text.format(product="", size="", order=0, n=0)
             except (KeyError, IndexError, ValueError) as exc:
                 raise HarnessError(f"{where}: bad placeholder in {text!r}: {exc}") from None
-        steps.append(Step(item["kind"], float(think), tuple(texts)))
+        expects_reply = item.get("expects_reply", False)
+        if not isinstance(expects_reply, bool):
+            raise HarnessError(f"{where}.expects_reply must be true or false")
+        steps.append(Step(item["kind"], float(think), tuple(texts), expects_reply))
     if not steps:
         raise HarnessError(f"{source}: a conversation script needs at least one step")
     share = document.get("reconnect_share", 0.0)
