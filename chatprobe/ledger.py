@@ -279,15 +279,16 @@ class Ledger:
         if order is None:
             self._order[record.conversation] = _ConversationOrder(time_us, record.seq, [record])
             return
-        if time_us > order.max_time_us:
-            # The common case, receipts in time order: one comparison.
+        if time_us >= order.max_time_us:
+            # The common case, receipts in time order: one comparison. (At equal times the
+            # one that reached the ledger first counts as first.)
             if record.seq < order.max_seq:
                 record.reordered = True
                 self.counts.reordered += 1
         else:
             for other in order.received:
                 assert other.first_receipt_us is not None
-                if other.seq > record.seq and other.first_receipt_us < time_us:
+                if other.seq > record.seq and other.first_receipt_us <= time_us:
                     if not record.reordered:
                         record.reordered = True
                         self.counts.reordered += 1

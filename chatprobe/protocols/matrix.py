@@ -60,6 +60,7 @@ class _Client:
         self.user_id = ""
         self.since: str | None = None
         self.seen = SeenIds()
+        self.room_of: dict[str, str] = {}  # event id -> room, to answer a message
         self.dead: TargetError | None = None
         self.members: dict[str, set[str]] = {}  # room -> joined user ids seen in sync
         self.member_changed = asyncio.Event()
@@ -170,6 +171,9 @@ class _Client:
                     body = event.get("content", {}).get("body")
                     event_id = event.get("event_id", "")
                     if isinstance(body, str) and self.seen.first_time(event_id):
+                        self.room_of[event_id] = room_id
+                        if len(self.room_of) > 100_000:
+                            del self.room_of[next(iter(self.room_of))]
                         self.on_receive(body, event_id)
         if self.auto_join:
             for room_id in rooms.get("invite", {}):
@@ -268,6 +272,11 @@ class _MatrixAgent(AgentSession):
     async def reply(self, conversation: str, client_msg_id: str,
                     text: str) -> asyncio.Future[Ack]:
         return self.client.send(conversation, client_msg_id, text)
+
+    async def reply_to(self, server_id: str, client_msg_id: str,
+                       text: str) -> asyncio.Future[Ack] | None:
+        room_id = self.client.room_of.get(server_id)
+        return None if room_id is None else self.client.send(room_id, client_msg_id, text)
 
     async def close(self) -> None:
         await self.client.close()

@@ -51,6 +51,7 @@ NS_CLIENT = "jabber:client"
 NS_STREAMS = "http://etherx.jabber.org/streams"
 NS_PING = "urn:xmpp:ping"
 STANZAS = ("message", "presence", "iq")
+REPLY_MEMORY = 100_000
 
 
 def _tag(ns: str, name: str) -> str:
@@ -100,6 +101,7 @@ class _XmppLink(ReconnectingLink):
         self.index_to_id: dict[int, str] = {}
         self.unacked: dict[str, str] = {}  # client id -> stanza, in send order
         self.seen = SeenIds()
+        self.sender_of: dict[str, str] = {}  # message id -> bare JID, to answer it
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _open_element(self) -> str:
@@ -231,6 +233,10 @@ class _XmppLink(ReconnectingLink):
         sender = element.get("from", "").split("/", 1)[0]
         if client_id and not self.seen.first_time((sender, client_id)):
             return  # resent by a reconnecting client after the original got through
+        if client_id:
+            self.sender_of[client_id] = sender
+            if len(self.sender_of) > REPLY_MEMORY:
+                del self.sender_of[next(iter(self.sender_of))]
         self.on_receive(body.text, client_id or None)
 
     def _acked_up_to(self, handled: int) -> None:
@@ -295,6 +301,13 @@ class _XmppAgent(AgentSession):
     async def reply(self, conversation: str, client_msg_id: str,
                     text: str) -> asyncio.Future[Ack]:
         return await self.link.send_message(conversation, client_msg_id, text)
+
+    async def reply_to(self, server_id: str, client_msg_id: str,
+                       text: str) -> asyncio.Future[Ack] | None:
+        sender = self.link.sender_of.get(server_id)
+        if sender is None:
+            return None
+        return await self.link.send_message(sender, client_msg_id, text)
 
     async def close(self) -> None:
         await self.link.close()
