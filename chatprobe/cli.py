@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from chatprobe import __version__
@@ -217,34 +217,44 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
+    from chatprobe.protocols.base import adapter_for
     from chatprobe.swarm.runner import SwarmOptions, run_swarm
 
     target = check_target_url(args.target)
-    _target_config(args)  # validate now: one clear line instead of a Locust traceback
+    config = _target_config(args)  # validate now: one clear line instead of a Locust traceback
+    adapter_for(config.protocol)(target, config)  # an adapter's own config checks, too
     _check_output_paths(args)
     started = time.time()
     doc = run_swarm(SwarmOptions.from_args(target, args))
     return _report_swarm(args, doc, started)
 
 
-def _report_swarm(args: argparse.Namespace, doc: dict[str, object], started: float) -> int:
+def _report_swarm(args: argparse.Namespace, doc: dict[str, Any], started: float) -> int:
     table = render_table(doc)
     print(table, flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    if args.alluredir is not None:
-        from chatprobe.allure_results import write_probe_result
+    try:
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        if args.alluredir is not None:
+            from chatprobe.allure_results import write_probe_result
 
-        write_probe_result(args.alluredir, doc, table, started)
-    if not doc.get("valid", True):
-        return EXIT_UNKNOWN  # the generator was the bottleneck: no verdict on the target
+            write_probe_result(args.alluredir, doc, table, started)
+    except OSError as exc:
+        print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    run_level = any(row.get("outcome") == "run" for row in doc.get("diagnoses", []))
+    if not doc.get("valid", True) and not run_level:
+        # The generator was the bottleneck: no verdict on the target. (A refused login or an
+        # unreachable target is a verdict whatever the generator's state.)
+        return EXIT_UNKNOWN
     return int(Status[str(doc["status"])])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from chatprobe.swarm.runner import SwarmOptions, run_swarm
 
+    _target_config(args)
     _check_output_paths(args)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="chatprobe-demo-") as folder:

@@ -148,3 +148,13 @@ def test_agent_replies_are_measured_on_the_way_back_to_the_customer(
     assert doc["sent"] == customer_messages + stats["replies"]
     assert doc["delivered"] + doc["late"] == doc["sent"], doc["connection_events"]
     assert doc["lost"] == 0 and doc["misrouted"] == 0
+
+
+def test_swarm_whose_agents_cannot_log_in_is_critical_not_ok(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    config = tmp_path / "target.yaml"
+    config.write_text("agents:\n  - {id: probe-1, token: stolen}\n")
+    doc = swarm(reference_service, shape_file(tmp_path, [(3, 3, 3)]), config=config)
+    assert doc["status"] == "CRITICAL"
+    assert doc["diagnoses"][0]["outcome"] == "run"
+    assert doc["diagnoses"][0]["cause"] == "auth.rejected"

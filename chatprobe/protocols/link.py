@@ -136,6 +136,9 @@ class ReconnectingLink(ABC):
                     except TargetError as exc:
                         self.die(exc)
                         return
+                    except Exception as exc:  # a harness bug: say so, keep receiving
+                        self.on_event("error", f"harness error handling a frame: "
+                                               f"{type(exc).__name__}: {exc}")
             except ConnectionClosed:
                 pass
             if self.closing or self.dead is not None:

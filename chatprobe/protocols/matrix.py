@@ -225,10 +225,17 @@ class _Client:
 
     async def close(self) -> None:
         self.outbox.put_nowait(None)
+        senders = self.tasks[1:]
+        for sender in senders:
+            # Let queued messages go out before leaving (bounded): cancelling would lose them.
+            with contextlib.suppress(TimeoutError, TargetError, asyncio.CancelledError):
+                async with asyncio.timeout(self.config.connect_timeout_s):
+                    await sender
         for task in self.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TargetError):
-                await task
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TargetError):
+                    await task
         await self.http.close()
 
 
@@ -248,8 +255,12 @@ class _MatrixCustomer(CustomerSession):
             "name": f"chatprobe {ref}", "topic": f"chatprobe synthetic conversation {ref}"})
         room_id = str(reply.get("room_id", ""))
         # Sending before the agent joined would rely on history visibility; wait instead.
-        async with asyncio.timeout(self.client.config.connect_timeout_s * 2):
-            await self.client.wait_for_member(room_id, agent_user_id)
+        try:
+            async with asyncio.timeout(self.client.config.connect_timeout_s * 2):
+                await self.client.wait_for_member(room_id, agent_user_id)
+        except TimeoutError:
+            raise TargetError(Cause.ROUTING_RULE, f"{agent_user_id} never joined the "
+                                                  f"conversation room {room_id}") from None
         return Conversation(room_id, "assigned", agent_id)
 
     async def send(self, conversation: str, client_msg_id: str,

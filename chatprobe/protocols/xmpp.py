@@ -234,7 +234,8 @@ class _XmppLink(ReconnectingLink):
         if client_id and not self.seen.first_time((sender, client_id)):
             return  # resent by a reconnecting client after the original got through
         if client_id:
-            self.sender_of[client_id] = sender
+            # The full JID: accounts are shared, so the bare JID could reach another session.
+            self.sender_of[client_id] = element.get("from", sender)
             if len(self.sender_of) > REPLY_MEMORY:
                 del self.sender_of[next(iter(self.sender_of))]
         self.on_receive(body.text, client_id or None)

@@ -66,6 +66,7 @@ class Collector:
         self.bin_us = int(bin_s * 1_000_000)
         self.bins: dict[int, Bin] = {}
         self.workers: dict[str, WorkerHealth] = {}
+        self.failures: list[tuple[str, str, str | None]] = []  # (worker, what, cause)
         self._on_outcome = on_outcome
         self.raw_latencies_us: list[int] | None = [] if keep_raw else None
         self.ledger = Ledger(codec, sla_us, deadline_us, hold_early_receipts=True,
@@ -110,6 +111,9 @@ class Collector:
         health.late_sends += batch["late_sends"]
         health.send_lag_max_us = max(health.send_lag_max_us, batch["send_lag_max_us"])
         health.loop_lag_max_us = max(health.loop_lag_max_us, batch["loop_lag_max_us"])
+        if batch.get("failure"):
+            self.failures.append((str(batch["worker"]), str(batch["failure"]),
+                                  batch.get("failure_cause")))
         cpu = batch["cpu"]
         if cpu is not None:
             health.samples += 1

@@ -77,7 +77,9 @@ class LoopThread:
         loop.run_forever()
 
     async def _watch_lag(self) -> None:
-        """How late the loop runs a 100 ms timer: the generator's own delay, not the target's."""
+        """How late the loop runs a 100 ms timer: the generator's own delay, not the target's.
+        The first second (imports, first connections) is warm-up, not measured."""
+        await asyncio.sleep(1.0)
         while True:
             before = now_us()
             await asyncio.sleep(0.1)
@@ -143,6 +145,8 @@ class WorkerEngine:
         self._replied = SeenIds()
         self.agents_ready = False
         self.failure: str | None = None
+        self.failure_cause: str | None = None
+        self.started_at = time.monotonic()
         self._seq: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._handoff: deque[tuple[str, str, str]] = deque()
@@ -151,15 +155,20 @@ class WorkerEngine:
     # -- greenlet side -----------------------------------------------------------------
 
     def start(self, sleep: Callable[[float], None]) -> None:
+        """Start the loop thread and (on the agents' worker) the agents' login, without
+        waiting for it: Locust's spawning greenlet must not block. Users ask `ready`."""
         self.thread.wait_ready(sleep)
         self.thread.call(self._start_in_loop)
-        if self.run_agents:
-            deadline = time.monotonic() + self.config.connect_timeout_s * 2
-            while not self.agents_ready and self.failure is None:
-                if time.monotonic() > deadline:
-                    self.failure = "probe agents did not log in in time"
-                    break
-                sleep(0.01)
+        self.started_at = time.monotonic()
+
+    @property
+    def ready(self) -> bool:
+        if not self.run_agents:
+            return True
+        if not self.agents_ready and self.failure is None and (
+                time.monotonic() - self.started_at > self.config.connect_timeout_s * 2):
+            self.failure = "probe agents did not log in in time"
+        return self.agents_ready
 
     def send(self, user: str, kind: str, body: str, intended_us: int) -> None:
         """Stamp and hand over one message; called by a user's greenlet at its planned time."""
@@ -219,7 +228,11 @@ class WorkerEngine:
     # -- loop side ---------------------------------------------------------------------
 
     def _start_in_loop(self) -> None:
-        self.adapter = adapter_for(self.config.protocol)(self.target_url, self.config)
+        try:
+            self.adapter = adapter_for(self.config.protocol)(self.target_url, self.config)
+        except Exception as exc:  # reported to the master as the run's failure
+            self.failure = f"cannot set up the adapter: {exc}"
+            return
         if self.run_agents:
             self._spawn(self._login_agents())
 
@@ -233,6 +246,7 @@ class WorkerEngine:
                 self.agent_by_id[credential.id] = agent
         except TargetError as exc:
             self.failure = f"agent login failed: {exc}"
+            self.failure_cause = exc.cause.value
             return
         self.agents_ready = True
 
@@ -268,9 +282,11 @@ class WorkerEngine:
         if not self._replied.first_time((conversation, seq)):
             return  # a duplicate of a question already answered: a person answers once
         reply_conversation = f"{conversation}{REPLY_SUFFIX}"
-        text = self.codec.stamp_text(AGENT_REPLIES[seq % len(AGENT_REPLIES)], agent_id,
+        # Agent ids may carry ':' (Matrix user ids), which a stamp field cannot.
+        sender = agent_id.replace(":", "_").replace("]", "_")
+        text = self.codec.stamp_text(AGENT_REPLIES[seq % len(AGENT_REPLIES)], sender,
                                      reply_conversation, seq, received_us)
-        self.out.sends.append([agent_id, reply_conversation, seq, received_us, now_us(),
+        self.out.sends.append([sender, reply_conversation, seq, received_us, now_us(),
                                f"reply:{step.kind}"])
 
         async def send_reply() -> None:
@@ -288,11 +304,15 @@ class WorkerEngine:
         parse = self.codec.parse
         receipts = self.out.receipts
         receiver = f"customer:{customer.name}"
+        own_replies = f"{customer.name}{REPLY_SUFFIX}"
 
         def on_receive(text: str, server_id: str | None) -> None:
             received = now_us()
             stamp = parse(text)
-            if stamp is None or stamp.foreign or not stamp.valid:
+            # Only answers to this conversation: another session of a shared account (Matrix
+            # syncs every room of the account) must not count as this customer's receipt.
+            if stamp is None or stamp.foreign or not stamp.valid or (
+                    stamp.conversation != own_replies):
                 return
             receipts.append([stamp.conversation, stamp.seq, receiver, received])
             customer.awaiting_replies.discard(stamp.seq)

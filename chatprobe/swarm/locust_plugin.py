@@ -10,6 +10,7 @@ chatprobe's own exact numbers (HdrHistograms, ledger) are written by the master 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -21,11 +22,12 @@ from typing import Any, ClassVar
 
 import gevent
 import psutil
-from locust import LoadTestShape, User, events
+from locust import LoadTestShape, User, argument_parser, events
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
 from chatprobe.config import load_target
+from chatprobe.diagnosis import Cause, Diagnosis
 from chatprobe.errors import HarnessError
 from chatprobe.ledger import MessageRecord, Outcome
 from chatprobe.stamp import StampCodec
@@ -39,7 +41,10 @@ log = logging.getLogger("chatprobe.swarm")
 BATCH_MESSAGE = "chatprobe_batch"
 DONE_MESSAGE = "chatprobe_done"
 FLUSH_S = 0.5
-PROCESS = psutil.Process(os.getpid())  # one object: cpu_percent() measures since last call
+# Locust rebuilds its whole argument parser once per option on every spawn message, which
+# blocks a worker for 50-180 ms at each shape step and makes its users miss their plan; the
+# result never changes within a process.
+argument_parser.default_args_dict = functools.cache(argument_parser.default_args_dict)
 
 
 class DeliveryLate(Exception):
@@ -85,6 +90,8 @@ class SwarmState:
     script: Script | None = None
     done_workers: set[str] = dataclasses.field(default_factory=set)
     expected_workers: int = 0
+    process: psutil.Process | None = None
+    failure_reported: bool = False
     greenlets: list[gevent.Greenlet] = dataclasses.field(default_factory=list)
     summary_written: bool = False
     events: list[str] = dataclasses.field(default_factory=list)
@@ -195,13 +202,14 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     if isinstance(runner, MasterRunner):
         STATE.expected_workers = len(runner.clients)
         return
+    if STATE.engine is not None:
+        return  # test_start fired again for the same run (Locust restarts spawning)
     worker_index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
     STATE.script = load_script(_opts(environment).cp_script)
+    STATE.failure_reported = False
     STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}",
                                 run_agents=worker_index == 0, script=STATE.script)
     STATE.engine.start(gevent.sleep)
-    if STATE.engine.failure:
-        log.error("chatprobe: %s", STATE.engine.failure)
     STATE.greenlets.append(gevent.spawn(_flush_forever, environment))
 
 
@@ -220,7 +228,14 @@ def _flush(environment: Environment) -> None:
     engine = STATE.engine
     if engine is None:
         return
-    batch = engine.take_batch(PROCESS.cpu_percent())
+    if STATE.process is None:
+        STATE.process = psutil.Process(os.getpid())  # this process, after Locust's fork
+        STATE.process.cpu_percent()
+    batch = engine.take_batch(STATE.process.cpu_percent())
+    if engine.failure and not STATE.failure_reported:
+        STATE.failure_reported = True
+        batch["failure"] = engine.failure
+        batch["failure_cause"] = engine.failure_cause
     STATE.events.extend(engine.out.events.popleft() for _ in range(len(engine.out.events)))
     runner = environment.runner
     if isinstance(runner, WorkerRunner):
@@ -262,6 +277,13 @@ def _write_summary(environment: Environment) -> None:
     ledger = collector.ledger
     summary = RunSummary(ledger.codec.run, host, ledger.counts, ledger.latency, config.sla_ms,
                          config.deadline_ms)
+    for worker, what, cause in collector.failures:
+        if cause is not None:  # the target refused or failed: CRITICAL with its diagnosis
+            summary.fatal = Diagnosis(Cause(cause), f"{worker}: {what}")
+        else:  # chatprobe could not set itself up: UNKNOWN
+            summary.harness_error = f"{worker}: {what}"
+    if ledger.counts.sent == 0 and summary.fatal is None and summary.harness_error is None:
+        summary.harness_error = "the swarm sent no message (no user ran its script)"
     doc = collector.finish(summary)
     doc["shape"] = _opts(environment).cp_shape
     doc["connection_events"] = STATE.events[-50:]
@@ -298,11 +320,17 @@ class ChatCustomer(User):
     def on_start(self) -> None:
         ChatCustomer._counter += 1
         self.index = ChatCustomer._counter
+        self.in_conversation = False
+
+    def on_stop(self) -> None:
+        # The shape took this customer away mid-script: it leaves, closing its conversation.
+        if self.in_conversation and STATE.engine is not None:
+            STATE.engine.end_conversation(f"u{self.index}")
 
     def run_script(self) -> None:
         engine, script = STATE.engine, STATE.script
-        if engine is None or script is None or engine.failure:
-            gevent.sleep(1)
+        if engine is None or script is None or engine.failure or not engine.ready:
+            gevent.sleep(0.05)  # the probe agents are still logging in (or failed)
             return
         scale = _opts(self.environment).cp_think_scale
         share = _opts(self.environment).cp_reconnect_share
@@ -310,6 +338,7 @@ class ChatCustomer(User):
         name = f"u{self.index}"
         drop_after = self.rng.randrange(len(script.steps)) if self.rng.random() < share else -1
         intended = now_us()
+        self.in_conversation = True
         for number, step in enumerate(script.steps):
             intended += int(step.think_s * scale * 1_000_000)
             wait_s = (intended - now_us()) / 1e6
@@ -319,6 +348,7 @@ class ChatCustomer(User):
             if number == drop_after:
                 engine.drop_connection(name)
         engine.end_conversation(name)
+        self.in_conversation = False
         # A new conversation next time round, as a returning customer would start.
         ChatCustomer._counter += 1
         self.index = ChatCustomer._counter
