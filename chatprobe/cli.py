@@ -175,7 +175,11 @@ def _check_output_paths(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace, summary: RunSummary, started_s: float) -> int:
-    doc = summary.to_json()
+    return _report_doc(args, summary.to_json(), started_s)
+
+
+def _report_doc(args: argparse.Namespace, doc: dict[str, Any], started_s: float) -> int:
+    """Print the summary, write --json and --alluredir, and return the exit code."""
     table = render_table(doc)
     print(table, flush=True)
     try:
@@ -189,7 +193,12 @@ def _report(args: argparse.Namespace, summary: RunSummary, started_s: float) -> 
     except OSError as exc:
         print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
-    return int(Status[doc["status"]])
+    run_level = any(row.get("outcome") == "run" for row in doc.get("diagnoses", []))
+    if not doc.get("valid", True) and not run_level:
+        # The generator was the bottleneck: no verdict on the target. (A refused login or an
+        # unreachable target is a verdict whatever the generator's state.)
+        return EXIT_UNKNOWN
+    return int(Status[str(doc["status"])])
 
 
 def _probe_options(args: argparse.Namespace) -> object:
@@ -226,29 +235,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     _check_output_paths(args)
     started = time.time()
     doc = run_swarm(SwarmOptions.from_args(target, args))
-    return _report_swarm(args, doc, started)
-
-
-def _report_swarm(args: argparse.Namespace, doc: dict[str, Any], started: float) -> int:
-    table = render_table(doc)
-    print(table, flush=True)
-    try:
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-        if args.alluredir is not None:
-            from chatprobe.allure_results import write_probe_result
-
-            write_probe_result(args.alluredir, doc, table, started)
-    except OSError as exc:
-        print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
-        return EXIT_UNKNOWN
-    run_level = any(row.get("outcome") == "run" for row in doc.get("diagnoses", []))
-    if not doc.get("valid", True) and not run_level:
-        # The generator was the bottleneck: no verdict on the target. (A refused login or an
-        # unreachable target is a verdict whatever the generator's state.)
-        return EXIT_UNKNOWN
-    return int(Status[str(doc["status"])])
+    return _report_doc(args, doc, started)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -267,7 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             doc = run_swarm(options)
         finally:
             service.stop()
-    return _report_swarm(args, doc, started)
+    return _report_doc(args, doc, started)
 
 
 class ServiceSubprocess:
