@@ -26,6 +26,8 @@ from enum import StrEnum
 from chatprobe.histogram import LatencyHistogram
 from chatprobe.stamp import StampCodec
 
+EXAMPLES_KEPT = 10_000  # lost/late records kept for diagnosis once a long run prunes
+
 
 class Outcome(StrEnum):
     PENDING = "pending"
@@ -331,10 +333,17 @@ class Ledger:
                 self.on_outcome(record)
 
     def forget_closed_before(self, intended_before_us: int) -> None:
-        """Drop closed records (duplicate detection) older than a retention horizon."""
+        """Drop closed records older than a retention horizon (long runs). A copy arriving
+        later counts as unknown instead of duplicate; lost and late examples are kept up to
+        EXAMPLES_KEPT each."""
         stale = [k for k, r in self._closed.items() if r.intended_us < intended_before_us]
         for key in stale:
             del self._closed[key]
+        for conversation in [c for c, o in self._order.items()
+                             if o.max_time_us < intended_before_us]:
+            del self._order[conversation]
+        del self.lost_records[EXAMPLES_KEPT:]
+        del self.late_records[EXAMPLES_KEPT:]
 
     def finish(self) -> list[MessageRecord]:
         """End of run: whatever is still pending is lost. Call after the last deadline."""

@@ -46,6 +46,7 @@ class WorkerHealth:
     late_sends: int = 0
     sends: int = 0
     send_lag_max_us: int = 0
+    clock: str = ""
 
 
 def empty_batch(worker: str, host: str) -> dict[str, Any]:
@@ -73,6 +74,7 @@ class Collector:
                              on_outcome=self._outcome)
         # Batches can trail by a flush interval or two; never expire what may still come.
         self.grace_us = 3_000_000
+        self._pruned_until_us = start_us
 
     def _bin(self, time_us: int) -> Bin:
         index = max(0, (time_us - self.start_us) // self.bin_us)
@@ -107,6 +109,7 @@ class Collector:
         ledger.counts.forged += batch["forged"]
         ledger.counts.foreign += batch["foreign"]
         health = self.workers.setdefault(batch["worker"], WorkerHealth(host=batch["host"]))
+        health.clock = str(batch.get("clock", batch["host"]))
         health.sends += len(batch["sends"])
         health.late_sends += batch["late_sends"]
         health.send_lag_max_us = max(health.send_lag_max_us, batch["send_lag_max_us"])
@@ -126,10 +129,20 @@ class Collector:
 
     def expire(self, now_us: int) -> None:
         self.ledger.expire(now_us - self.grace_us)
+        # Long runs: forget what can no longer change (duplicates of a message are looked
+        # for during twice its deadline), so the master's memory stays flat.
+        horizon = now_us - self.grace_us - 2 * self.ledger.deadline_us
+        if horizon - self._pruned_until_us > 10_000_000:
+            self.ledger.forget_closed_before(horizon)
+            self._pruned_until_us = horizon
 
     def invalid_reasons(self) -> list[str]:
         """Why the generator's own numbers cannot be trusted (empty when they can)."""
         reasons = []
+        clocks = {h.clock for h in self.workers.values()}
+        if len(clocks) > 1:
+            reasons.append(f"workers on {len(clocks)} different clocks (hosts): latencies "
+                           "across them mix unrelated monotonic clocks")
         for name, health in sorted(self.workers.items()):
             if health.samples and health.cpu_high_samples * 2 > health.samples:
                 reasons.append(f"worker {name}: CPU above {CPU_LIMIT_PERCENT:g} % in "
@@ -148,10 +161,12 @@ class Collector:
         doc = summary.to_json()
         reasons = self.invalid_reasons()
         hosts = sorted({h.host for h in self.workers.values()})
+        clocks = {h.clock for h in self.workers.values()}
         doc["valid"] = not reasons
         doc["invalid_reasons"] = reasons
         doc["clock"] = {"assumption": "one host, shared monotonic clock",
-                        "hosts": hosts, "uncertainty_ms": 0.0 if len(hosts) <= 1 else None}
+                        "hosts": hosts, "clock_domains": len(clocks),
+                        "uncertainty_ms": 0.0 if len(clocks) <= 1 else None}
         doc["generator"] = {
             name: {"host": h.host, "cpu_max_percent": round(h.cpu_max, 1),
                    "loop_lag_max_ms": round(h.loop_lag_max_us / 1000, 3),

@@ -41,6 +41,16 @@ END = "end"  # control items in the hand-off queue (a send always has a client i
 DROP = "drop"
 
 
+def clock_domain() -> str:
+    """Processes with the same boot id share CLOCK_MONOTONIC (containers on one host do;
+    two machines never do), unlike the hostname."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return f"host:{socket.gethostname()}"
+
+
 def now_us() -> int:
     return time.monotonic_ns() // 1000
 
@@ -143,6 +153,9 @@ class WorkerEngine:
         self.agents: list[AgentSession] = []
         self.agent_by_id: dict[str, AgentSession] = {}
         self._replied = SeenIds()
+        self._sent_forged = 0
+        self._sent_foreign = 0
+        self.clock_domain = clock_domain()
         self.agents_ready = False
         self.failure: str | None = None
         self.failure_cause: str | None = None
@@ -193,15 +206,18 @@ class WorkerEngine:
     def take_batch(self, cpu_percent: float | None) -> dict[str, Any]:
         out = self.out
         batch = empty_batch(self.worker, self.host)
+        batch["clock"] = self.clock_domain
         sends, receipts = out.sends, out.receipts
         for _ in range(len(sends)):
             batch["sends"].append(sends.popleft())
         for _ in range(len(receipts)):
             batch["receipts"].append(receipts.popleft())
-        batch["forged"], out.forged = out.forged, 0
-        batch["foreign"], out.foreign = out.foreign, 0
+        forged, foreign = out.forged, out.foreign  # cumulative, owned by the loop thread
+        batch["forged"], self._sent_forged = forged - self._sent_forged, forged
+        batch["foreign"], self._sent_foreign = foreign - self._sent_foreign, foreign
         batch["late_sends"], out.late_sends = out.late_sends, 0
         batch["send_lag_max_us"], out.send_lag_max_us = out.send_lag_max_us, 0
+        # A max, not a count: a lost reset only means a lag is reported twice, never missed.
         batch["loop_lag_max_us"], self.thread.lag_max_us = self.thread.lag_max_us, 0
         batch["cpu"] = cpu_percent
         return batch
