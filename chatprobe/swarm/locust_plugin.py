@@ -168,14 +168,15 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
         _write_summary(environment)
 
 
-def _report_outcome(environment: Environment) -> Any:
+def _report_outcome(environment: Environment, deadline_ms: float) -> Any:
     fire = environment.events.request.fire
 
     def report(record: MessageRecord) -> None:
         name = record.kind or "message"
         if record.outcome is Outcome.LOST:
-            fire(request_type="deliver", name=name, response_time=0, response_length=0,
-                 exception=DeliveryLost("not delivered by the deadline"))
+            # At least the deadline: a lost message must not pull Locust's percentiles down.
+            fire(request_type="deliver", name=name, response_time=deadline_ms,
+                 response_length=0, exception=DeliveryLost("not delivered by the deadline"))
             return
         latency_ms = (record.latency_us or 0) / 1000
         exception = DeliveryLate("delivered after the SLA") if (
@@ -196,7 +197,7 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     if not isinstance(runner, WorkerRunner):
         STATE.collector = Collector(codec, int(config.sla_ms * 1000),
                                     int(config.deadline_ms * 1000), now_us(),
-                                    on_outcome=_report_outcome(environment),
+                                    on_outcome=_report_outcome(environment, config.deadline_ms),
                                     keep_raw=bool(_opts(environment).cp_raw_latencies))
         STATE.greenlets.append(gevent.spawn(_tick_collector, environment))
     if isinstance(runner, MasterRunner):

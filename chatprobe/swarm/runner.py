@@ -7,7 +7,10 @@ its options through as --cp-* arguments and reads back the summary the master wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +73,17 @@ class SwarmOptions:
         return [*self.command_prefix, *command, *self.extra_locust_args]
 
 
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,13 +101,19 @@ def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str
         print(f"chatprobe swarm: shape {shape.name} over {shape.total_s:g} s, peak "
               f"{shape.peak_users()} customers, {options.workers} worker(s)",
               file=sys.stderr, flush=True)
+        # Its own process group: on a timeout or Ctrl-C the forked workers go too.
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, cwd=project_root(),
+                                start_new_session=True)
         try:
-            result = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=timeout_s,
-                                    cwd=project_root())
+            returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             raise HarnessError(f"the swarm did not finish within {timeout_s:g} s") from None
+        except KeyboardInterrupt:
+            _kill_group(proc)
+            raise
         if not json_path.exists():
-            raise HarnessError(f"the swarm ended (Locust exit {result.returncode}) without "
+            raise HarnessError(f"the swarm ended (Locust exit {returncode}) without "
                                "a summary; see Locust's output above")
         document: dict[str, Any] = json.loads(json_path.read_text(encoding="utf-8"))
         return document
