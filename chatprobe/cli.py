@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from chatprobe import __version__
-from chatprobe.config import TargetConfig, load_target
+from chatprobe.config import TargetConfig, load_target, with_overrides
 from chatprobe.errors import HarnessError
 from chatprobe.verdict import RunSummary, Status, render_table
 
@@ -153,15 +152,8 @@ def _probe_arguments(parser: argparse.ArgumentParser, target_required: bool) -> 
 
 
 def _target_config(args: argparse.Namespace) -> TargetConfig:
-    config = load_target(args.config)
-    changes: dict[str, object] = {}
-    if args.admin_token:
-        changes["admin_token"] = args.admin_token
-    if args.sla_ms:
-        changes["sla_ms"] = args.sla_ms
-    if args.deadline_ms:
-        changes["deadline_ms"] = args.deadline_ms
-    config = dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    config = with_overrides(load_target(args.config), args.admin_token, args.sla_ms,
+                            args.deadline_ms)
     if config.deadline_ms < config.sla_ms:
         raise HarnessError("--deadline-ms must be at least --sla-ms")
     return config
@@ -201,22 +193,16 @@ def _report_doc(args: argparse.Namespace, doc: dict[str, Any], started_s: float)
     return int(Status[str(doc["status"])])
 
 
-def _probe_options(args: argparse.Namespace) -> object:
-    from chatprobe.probe import ProbeOptions, print_progress
-
-    return ProbeOptions(messages=args.messages, customers=args.customers, rate_per_s=args.rate,
-                        run_id=args.run_id, progress=None if args.quiet else print_progress)
-
-
 def cmd_probe(args: argparse.Namespace) -> int:
-    from chatprobe.probe import ProbeOptions, run_probe
+    from chatprobe.probe import ProbeOptions, print_progress, run_probe
     from chatprobe.stamp import StampError
 
     target = check_target_url(args.target)
     config = _target_config(args)
     _check_output_paths(args)
-    options = _probe_options(args)
-    assert isinstance(options, ProbeOptions)
+    options = ProbeOptions(messages=args.messages, customers=args.customers,
+                           rate_per_s=args.rate, run_id=args.run_id,
+                           progress=None if args.quiet else print_progress)
     started = time.time()
     try:
         summary = asyncio.run(run_probe(target, config, options))

@@ -6,6 +6,7 @@ broken config exits 3 (the probe could not run), never with a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,17 +105,36 @@ def parse_target(document: Any, source: str) -> TargetConfig:
     )
 
 
-def load_target(path: Path | None) -> TargetConfig:
-    path = path or default_target_path()
+def read_document(path: Path, what: str = "config", missing: str | None = None) -> Any:
+    """A YAML (or .json) file's content; every failure is one HarnessError line.
+    ``missing`` replaces the message for a file that cannot be read."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise HarnessError(f"cannot read config {path}: {exc.strerror}") from None
+        raise HarnessError(missing or f"cannot read {what} {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise HarnessError(f"config {path} is not UTF-8 text") from None
+        raise HarnessError(f"{what} {path} is not UTF-8 text") from None
     try:
-        document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise HarnessError(f"config {path} is not valid YAML/JSON: {first}") from None
-    return parse_target(document, str(path))
+        raise HarnessError(f"{what} {path} is not valid YAML/JSON: {first}") from None
+
+
+def load_target(path: Path | None) -> TargetConfig:
+    path = path or default_target_path()
+    return parse_target(read_document(path), str(path))
+
+
+def with_overrides(config: TargetConfig, admin_token: str | None = None,
+                   sla_ms: float | None = None, deadline_ms: float | None = None
+                   ) -> TargetConfig:
+    """The config with command-line values in place of the file's (unset ones ignored)."""
+    changes: dict[str, Any] = {}
+    if admin_token:
+        changes["admin_token"] = admin_token
+    if sla_ms:
+        changes["sla_ms"] = sla_ms
+    if deadline_ms:
+        changes["deadline_ms"] = deadline_ms
+    return dataclasses.replace(config, **changes)

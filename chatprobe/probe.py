@@ -80,7 +80,6 @@ class _RunState:
     ledger: Ledger
     arrived: asyncio.Event
     events: Counter[str] = field(default_factory=Counter)
-    dead_agents: dict[str, TargetError] = field(default_factory=dict)
     dead_customers: dict[str, TargetError] = field(default_factory=dict)
     disconnected: set[str] = field(default_factory=set)
 

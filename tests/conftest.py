@@ -10,14 +10,12 @@ import dataclasses
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +32,21 @@ def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true; fail the test with ``what`` after the scaled timeout."""
-    deadline = time.monotonic() + scaled(timeout)
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {scaled(timeout):.1f} s waiting for {what}")
-        time.sleep(0.02)
+def kill_process(proc: subprocess.Popen[Any] | None) -> None:
+    """SIGKILL: a crash, nothing flushed by the process itself."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=scaled(10))
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within the (scaled) timeout."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=scaled(timeout))
+        except subprocess.TimeoutExpired:
+            kill_process(proc)
 
 
 class ServiceProcess:
@@ -85,17 +91,10 @@ class ServiceProcess:
 
     def kill(self) -> None:
         """SIGKILL: a crash, nothing flushed by the service itself."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=scaled(10))
+        kill_process(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=scaled(10))
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
     def admin(self, method: str, path: str, body: Any = None,
               token: str | None = None) -> tuple[int, Any]:

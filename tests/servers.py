@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from chatprobe.config import AgentCredential, TargetConfig
-from tests.conftest import scaled
+from tests.conftest import kill_process, scaled, stop_process
 
 DOMAIN = "localhost"
 CUSTOMER_PASSWORD = "customer-secret"
@@ -127,17 +127,10 @@ VirtualHost "{DOMAIN}"
         return self
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=scaled(10))
+        kill_process(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=scaled(10))
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, timeout=10)
 
     @property
     def url(self) -> str:
@@ -376,17 +369,10 @@ class SynapseServer:
         return self
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=scaled(10))
+        kill_process(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=scaled(15))
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, timeout=15)
 
     @property
     def url(self) -> str:

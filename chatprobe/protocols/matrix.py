@@ -27,6 +27,7 @@ import aiohttp
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import AgentSelf, Cause
 from chatprobe.errors import HarnessError, TargetError
+from chatprobe.protocols.accounts import AccountPool
 from chatprobe.protocols.base import (
     Ack,
     Adapter,
@@ -307,14 +308,7 @@ class MatrixAdapter(Adapter):
         # general; without extra.server_name it is learnt from the first login.
         server_name = config.extra.get("server_name")
         self.server_name: str | None = str(server_name) if server_name else None
-        customers = config.extra.get("customers")
-        if not isinstance(customers, dict) or not isinstance(customers.get("password"), str):
-            raise HarnessError("matrix target config needs extra.customers: "
-                               "{prefix, count, password} (pre-registered accounts)")
-        self.customer_prefix = str(customers.get("prefix", "customer"))
-        self.customer_count = int(customers.get("count", 1))
-        self.customer_password = customers["password"]
-        self._next_customer = itertools.count(1)
+        self.customers = AccountPool.from_extra(config.extra, "matrix")
         self._agent_cycle: Iterator[tuple[str, str]] | None = None
 
     def next_agent(self) -> tuple[str, str]:
@@ -327,9 +321,9 @@ class MatrixAdapter(Adapter):
 
     async def connect_customer(self, customer_id: str, on_receive: OnReceive,
                                on_event: OnEvent) -> CustomerSession:
-        # Accounts are reused round-robin; every login is its own device and access token.
-        account = (next(self._next_customer) - 1) % self.customer_count + 1
-        client = _Client(self, f"{self.customer_prefix}{account}", self.customer_password,
+        # Accounts are shared; every login is its own device and access token.
+        _, account = self.customers.take()
+        client = _Client(self, account, self.customers.password,
                          on_receive, on_event, auto_join=False)
         await _login_or_close(client)
         return _MatrixCustomer(client, self)

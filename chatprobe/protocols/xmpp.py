@@ -30,7 +30,8 @@ from websockets.exceptions import ConnectionClosed
 
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import AgentSelf, Cause
-from chatprobe.errors import HarnessError, TargetError
+from chatprobe.errors import TargetError
+from chatprobe.protocols.accounts import AccountPool
 from chatprobe.protocols.base import (
     Ack,
     Adapter,
@@ -329,29 +330,18 @@ class XmppAdapter(Adapter):
             path = parts.path.rstrip("/") + str(extra.get("websocket_path", "/xmpp-websocket"))
             self.ws_url = urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc,
                                       path, "", ""))
-        customers = extra.get("customers")
-        if not isinstance(customers, dict) or not isinstance(customers.get("password"), str):
-            raise HarnessError("xmpp target config needs extra.customers: "
-                               "{prefix, count, password} (pre-registered accounts)")
-        self.customer_prefix = str(customers.get("prefix", "customer"))
-        count = customers.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise HarnessError("extra.customers.count must be a positive integer")
-        self.customer_count = count
-        self.customer_password = customers["password"]
-        self._next_customer = itertools.count(1)
+        self.customers = AccountPool.from_extra(extra, "xmpp")
         self._agent_cycle = itertools.cycle(
             [(a.id if "@" in a.id else f"{a.id}@{self.domain}", a.id) for a in config.agents])
 
     async def connect_customer(self, customer_id: str, on_receive: OnReceive,
                                on_event: OnEvent) -> CustomerSession:
-        # Accounts are reused round-robin (a swarm opens far more conversations than there
-        # are accounts); each connection binds its own resource, so sessions never collide.
-        number = next(self._next_customer)
-        account = (number - 1) % self.customer_count + 1
+        # Accounts are shared: each connection binds its own resource, so sessions never
+        # collide.
+        number, account = self.customers.take()
         resource = "".join(ch for ch in customer_id if ch.isalnum() or ch in "-_")[:60]
-        link = _XmppLink(self, f"{self.customer_prefix}{account}", self.customer_password,
-                         on_receive, on_event, resource=resource or f"c{number}")
+        link = _XmppLink(self, account, self.customers.password, on_receive, on_event,
+                         resource=resource or f"c{number}")
         await link.start()
         return _XmppCustomer(link, self._agent_cycle)
 

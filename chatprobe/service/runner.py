@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
 from aiohttp import web
 
+from chatprobe.config import read_document
+from chatprobe.errors import HarnessError
 from chatprobe.paths import fixtures_dir, state_dir
 from chatprobe.service.app import ChatService, build_app
 from chatprobe.service.model import ModelError, Shop, shops_from_document
@@ -34,14 +33,9 @@ def default_db_path() -> Path:
 
 def load_shops(path: Path) -> dict[str, Shop]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ServiceConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    try:
-        document: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ServiceConfigError(f"config {path} is not valid YAML/JSON: {first}") from None
+        document = read_document(path)
+    except HarnessError as exc:
+        raise ServiceConfigError(str(exc)) from None
     try:
         return shops_from_document(document)
     except ModelError as exc:

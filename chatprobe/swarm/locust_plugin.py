@@ -17,6 +17,7 @@ import os
 import random
 import secrets
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +27,7 @@ from locust import LoadTestShape, User, argument_parser, events
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
-from chatprobe.config import load_target
+from chatprobe.config import load_target, with_overrides
 from chatprobe.diagnosis import Cause, Diagnosis
 from chatprobe.errors import HarnessError
 from chatprobe.ledger import MessageRecord, Outcome
@@ -41,6 +42,7 @@ log = logging.getLogger("chatprobe.swarm")
 BATCH_MESSAGE = "chatprobe_batch"
 DONE_MESSAGE = "chatprobe_done"
 FLUSH_S = 0.5
+EVENTS_KEPT = 500
 # Locust rebuilds its whole argument parser once per option on every spawn message, which
 # blocks a worker for 50-180 ms at each shape step and makes its users miss their plan; the
 # result never changes within a process.
@@ -111,17 +113,11 @@ def _opts(environment: Environment) -> Any:
 def _target(environment: Environment) -> tuple[str, Any]:
     options = _opts(environment)
     config = load_target(Path(options.cp_config) if options.cp_config else None)
-    changes: dict[str, Any] = {}
-    if options.cp_admin_token:
-        changes["admin_token"] = options.cp_admin_token
-    if options.cp_sla_ms:
-        changes["sla_ms"] = options.cp_sla_ms
-    if options.cp_deadline_ms:
-        changes["deadline_ms"] = options.cp_deadline_ms
     host = environment.host or options.host
     if not host:
         raise HarnessError("no target: pass --host URL (or --target to chatprobe swarm)")
-    return host, dataclasses.replace(config, **changes)
+    return host, with_overrides(config, options.cp_admin_token, options.cp_sla_ms,
+                                options.cp_deadline_ms)
 
 
 def _codec(environment: Environment) -> StampCodec:
@@ -148,9 +144,15 @@ def _on_batch(environment: Environment, msg: Any, **_: Any) -> None:
         STATE.collector.ingest(msg.data)
 
 
+def _remember_events(events: Iterable[str]) -> None:
+    """Connection events for the summary: the recent ones, bounded for long runs."""
+    STATE.events.extend(events)
+    del STATE.events[:-EVENTS_KEPT]
+
+
 def _on_done(environment: Environment, msg: Any, **_: Any) -> None:
     STATE.done_workers.add(str(msg.data["worker"]))
-    STATE.events.extend(msg.data.get("events", []))
+    _remember_events(msg.data.get("events", []))
     if len(STATE.done_workers) >= STATE.expected_workers:
         # Every worker's last batch is in: nothing more can change the counts.
         _write_summary(environment)
@@ -237,7 +239,7 @@ def _flush(environment: Environment) -> None:
         STATE.failure_reported = True
         batch["failure"] = engine.failure
         batch["failure_cause"] = engine.failure_cause
-    STATE.events.extend(engine.out.events.popleft() for _ in range(len(engine.out.events)))
+    _remember_events(engine.out.events.popleft() for _ in range(len(engine.out.events)))
     runner = environment.runner
     if isinstance(runner, WorkerRunner):
         runner.send_message(BATCH_MESSAGE, batch)

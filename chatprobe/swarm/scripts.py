@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from chatprobe.config import read_document
 from chatprobe.errors import HarnessError
 from chatprobe.paths import fixtures_dir
 
@@ -86,11 +85,5 @@ def load_script(name_or_path: str) -> Script:
     path = Path(name_or_path)
     if not path.suffix:
         path = fixtures_dir() / "conversations" / f"{name_or_path}.yaml"
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError:
-        raise HarnessError(f"no conversation script {name_or_path!r}") from None
-    except yaml.YAMLError as exc:
-        raise HarnessError(f"script {path} is not valid YAML: "
-                           f"{str(exc).splitlines()[0]}") from None
+    document = read_document(path, "script", f"no conversation script {name_or_path!r}")
     return parse_script(document, str(path))

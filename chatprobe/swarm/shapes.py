@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from chatprobe.config import read_document
 from chatprobe.errors import HarnessError
 from chatprobe.paths import fixtures_dir
 
@@ -95,14 +94,6 @@ def load_shape(name_or_path: str) -> Shape:
     path = Path(name_or_path)
     if not path.suffix:
         path = shapes_dir() / f"{name_or_path}.yaml"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        known = ", ".join(available_shapes()) or "none"
-        raise HarnessError(f"no shape {name_or_path!r} (known: {known})") from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise HarnessError(f"shape {path} is not valid YAML: "
-                           f"{str(exc).splitlines()[0]}") from None
+    known = ", ".join(available_shapes()) or "none"
+    document = read_document(path, "shape", f"no shape {name_or_path!r} (known: {known})")
     return parse_shape(document, str(path))
