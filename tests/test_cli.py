@@ -199,6 +199,8 @@ def test_probe_writes_json_and_allure_results(reference_service: ServiceProcess,
 def test_demo_runs_the_main_job_and_exits_0(tmp_path: Path) -> None:
     result = chatprobe("demo", "--duration", "6", "--think-scale", "0.1", "--deadline-ms",
                        "3000", "--json", str(tmp_path / "demo.json"), timeout=240)
+    assert (tmp_path / "demo.json").exists(), (result.returncode, result.stdout,
+                                               result.stderr[-3000:])
     doc = json.loads((tmp_path / "demo.json").read_text())
     if result.returncode == 3:
         # The suite's other workers can starve the demo's generator; then the run must say
