@@ -33,9 +33,6 @@ from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import LATE_SEND_US, empty_batch
 from chatprobe.swarm.scripts import AGENT_REPLIES, Script
 
-log = logging.getLogger("chatprobe.swarm")
-
-
 REPLY_SUFFIX = ">r"  # an agent's reply travels in its own stamped conversation
 END = "end"  # control items in the hand-off queue (a send always has a client id)
 DROP = "drop"
@@ -68,10 +65,37 @@ def start_real_thread(target: Callable[[], None]) -> None:
     start(target, ())
 
 
+# Libraries that log from the loop thread (asyncio, uvloop, websockets, aiohttp).
+LOOP_THREAD_LOGGERS = ("asyncio", "websockets", "aiohttp")
+
+
+class _KeepLines(logging.Handler):
+    """Keeps log lines in a deque without taking the handler's lock: under gevent that lock
+    is a greenlet lock, and a second OS thread taking it can hang the process."""
+
+    def __init__(self, lines: deque[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.level:
+            self.lines.append(f"{record.name}: {record.getMessage()}")
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+
 class LoopThread:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.lag_max_us = 0  # written by the loop thread, read (atomically) by greenlets
+        # What went wrong inside the loop thread, for the run's connection events.
+        self.problems: deque[str] = deque(maxlen=100)
+        for name in LOOP_THREAD_LOGGERS:
+            logger = logging.getLogger(name)
+            logger.handlers = [_KeepLines(self.problems)]
+            logger.propagate = False
         start_real_thread(self._run)
 
     def _run(self) -> None:
@@ -82,9 +106,17 @@ class LoopThread:
         except ImportError:
             loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(self._unhandled)
         self._lag_task = loop.create_task(self._watch_lag())
         self.loop = loop
         loop.run_forever()
+
+    def _unhandled(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio's default handler logs, and `logging` takes gevent-patched locks, which a
+        # second OS thread must never touch (it hung a starved run at exit): keep a line.
+        exception = context.get("exception")
+        what = f"{type(exception).__name__}: {exception}" if exception else context["message"]
+        self.problems.append(f"unhandled in the chat loop: {what}")
 
     async def _watch_lag(self) -> None:
         """How late the loop runs a 100 ms timer: the generator's own delay, not the target's.
@@ -220,6 +252,9 @@ class WorkerEngine:
         # A max, not a count: a lost reset only means a lag is reported twice, never missed.
         batch["loop_lag_max_us"], self.thread.lag_max_us = self.thread.lag_max_us, 0
         batch["cpu"] = cpu_percent
+        problems = self.thread.problems
+        for _ in range(len(problems)):
+            out.events.append(problems.popleft())
         return batch
 
     def end_conversation(self, user: str) -> None:
@@ -309,10 +344,18 @@ class WorkerEngine:
             try:
                 future = await agent.reply_to(server_id, f"{self.codec.run}-r-{conversation}-"
                                                          f"{seq}", text)
-            except TargetError:
-                return
-            if future is None:
-                self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted lost")
+                if future is None:
+                    self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted "
+                                           "lost")
+                    return
+                # Wait for the verdict so a refusal is reported, not left in an unread future.
+                async with asyncio.timeout(self.config.deadline_ms / 1000):
+                    await future
+            except TimeoutError:
+                pass  # the ledger calls the reply lost at its deadline if it never arrives
+            except TargetError as exc:
+                # E.g. the customer already left and closed the conversation.
+                self.out.events.append(f"{agent_id}: reply to {conversation} refused: {exc}")
 
         self._spawn(send_reply())
 
@@ -396,7 +439,8 @@ class WorkerEngine:
                 if step is not None and step.expects_reply:
                     customer.awaiting_replies.add(seq)
                     customer.replies_done.clear()
-                await session.send(conversation.id, client_id, text)
+                ack = await session.send(conversation.id, client_id, text)
+                ack.add_done_callback(self._ack_checker(customer.name))
             if customer.awaiting_replies:
                 # Stay for the answers (bounded by the deadline), as a customer would.
                 with contextlib.suppress(TimeoutError):
@@ -413,6 +457,17 @@ class WorkerEngine:
                 with contextlib.suppress(Exception):
                     await session.close()
 
+    def _ack_checker(self, who: str) -> Callable[[asyncio.Future[Any]], None]:
+        """Reads each ack's outcome so a refusal is reported (the message itself is counted
+        lost by the ledger at its deadline), never left in an unread future."""
+        def check(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                return
+            exception = future.exception()
+            if exception is not None:
+                self.out.events.append(f"{who}: message refused: {exception}")
+        return check
+
     def _stop_in_loop(self) -> None:
         async def close_all() -> None:
             for customer in list(self.customers.values()):
@@ -422,5 +477,7 @@ class WorkerEngine:
                     await agent.close()
             if self.adapter is not None:
                 await self.adapter.close()
+            # The thread ends with its loop: nothing of it runs while the process exits.
+            asyncio.get_running_loop().stop()
 
         self._spawn(close_all())

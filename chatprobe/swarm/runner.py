@@ -104,11 +104,15 @@ def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str
         # Its own process group: on a timeout or Ctrl-C the forked workers go too.
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, cwd=project_root(),
                                 start_new_session=True)
+        hung = False
         try:
             returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            raise HarnessError(f"the swarm did not finish within {timeout_s:g} s") from None
+            # A summary written before Locust hung is still the run's result: keep it.
+            if not json_path.exists():
+                raise HarnessError(f"the swarm did not finish within {timeout_s:g} s") from None
+            hung = True
         except KeyboardInterrupt:
             _kill_group(proc)
             raise
@@ -116,4 +120,7 @@ def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str
             raise HarnessError(f"the swarm ended (Locust exit {returncode}) without "
                                "a summary; see Locust's output above")
         document: dict[str, Any] = json.loads(json_path.read_text(encoding="utf-8"))
+        if hung:
+            document.setdefault("connection_events", []).append(
+                f"Locust wrote its summary but did not exit within {timeout_s:g} s; killed")
         return document
