@@ -16,14 +16,13 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.typing import Subprotocol
 
 from chatprobe.config import TargetConfig
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError, TargetError
 from chatprobe.protocols.base import Ack, OnEvent
+from chatprobe.protocols.websocket import Message, WebSocket, connect
 
 # Causes a retry cannot cure: the link gives up at once instead of hammering the target.
 PERMANENT = frozenset({Cause.AUTH_REJECTED, Cause.SESSION_EXPIRED, Cause.ACCOUNT_FROZEN,
@@ -31,13 +30,10 @@ PERMANENT = frozenset({Cause.AUTH_REJECTED, Cause.SESSION_EXPIRED, Cause.ACCOUNT
 
 
 async def open_websocket(url: str, config: TargetConfig,
-                         subprotocols: list[str] | None = None) -> ClientConnection:
+                         subprotocols: list[str] | None = None) -> WebSocket:
     """Connect, turning every failure into a HarnessError (our fault) or TargetError."""
     try:
-        return await connect(
-            url, open_timeout=config.connect_timeout_s, compression=None, max_size=1 << 20,
-            ping_interval=10, ping_timeout=10, close_timeout=2,
-            subprotocols=[Subprotocol(p) for p in subprotocols] if subprotocols else None)
+        return await connect(url, config.connect_timeout_s, subprotocols)
     except InvalidURI as exc:
         raise HarnessError(f"malformed target URL: {exc}") from None
     except InvalidStatus as exc:
@@ -77,18 +73,20 @@ class ReconnectingLink(ABC):
         self.config = config
         self.on_event = on_event
         self.subprotocols = subprotocols
-        self.ws: ClientConnection | None = None
+        self.ws: WebSocket | None = None
         self.dead: TargetError | None = None
         self.closing = False
         self.ack_futures: dict[str, asyncio.Future[Ack]] = {}
         self.other_futures: dict[Hashable, asyncio.Future[Any]] = {}
         self.reader: asyncio.Task[None] | None = None
+        # Set while a logged-in connection is up (and once the link is dead, to wake waiters).
+        self.connected = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None
 
     # -- what a protocol provides ------------------------------------------------------
 
     @abstractmethod
-    async def handshake(self, ws: ClientConnection, resume: bool) -> None:
+    async def handshake(self, ws: WebSocket, resume: bool) -> None:
         """Log in on a fresh connection; raise TargetError if refused. On ``resume``, also
         resend whatever was not acknowledged before the connection dropped."""
 
@@ -96,7 +94,7 @@ class ReconnectingLink(ABC):
     def on_raw(self, raw: str | bytes) -> None:
         """Handle one frame from the target; raise TargetError(PROTOCOL) for garbage."""
 
-    async def goodbye(self, ws: ClientConnection) -> None:  # noqa: B027 - optional hook
+    async def goodbye(self, ws: WebSocket) -> None:  # noqa: B027 - optional hook
         """Say goodbye in the protocol before the socket closes (optional)."""
 
     # -- the machinery -----------------------------------------------------------------
@@ -115,32 +113,37 @@ class ReconnectingLink(ABC):
             await ws.close()
             raise
         self.ws = ws
+        self.connected.set()
 
     async def start(self) -> None:
         await self._open(resume=False)
         self.reader = asyncio.get_running_loop().create_task(self._read_forever())
 
-    async def recv_login(self, ws: ClientConnection) -> str | bytes:
+    async def recv_login(self, ws: WebSocket) -> str | bytes:
         """One frame during login, bounded by the connect timeout."""
         async with asyncio.timeout(self.config.connect_timeout_s):
             return await ws.recv()
+
+    def _dispatch(self, raw: Message) -> None:
+        if self.dead is not None:
+            return
+        try:
+            self.on_raw(raw)
+        except TargetError as exc:
+            self.die(exc)
+        except Exception as exc:  # a harness bug: say so, keep receiving
+            self.on_event("error", f"harness error handling a frame: "
+                                   f"{type(exc).__name__}: {exc}")
 
     async def _read_forever(self) -> None:
         while not self.closing:
             ws = self.ws
             assert ws is not None
-            try:
-                async for raw in ws:
-                    try:
-                        self.on_raw(raw)
-                    except TargetError as exc:
-                        self.die(exc)
-                        return
-                    except Exception as exc:  # a harness bug: say so, keep receiving
-                        self.on_event("error", f"harness error handling a frame: "
-                                               f"{type(exc).__name__}: {exc}")
-            except ConnectionClosed:
-                pass
+            # Frames go to on_raw as they are parsed; this task only waits for the end.
+            ws.deliver_to(self._dispatch)
+            await asyncio.shield(ws.closed)
+            if self.dead is None:
+                self.connected.clear()
             if self.closing or self.dead is not None:
                 return
             self.on_event("disconnected", "connection closed by the target or network")
@@ -170,6 +173,7 @@ class ReconnectingLink(ABC):
         """The link is gone for good: fail everything waiting on it and hang up."""
         if self.dead is None:
             self.dead = error
+            self.connected.set()  # whoever waits for the connection must see it is dead
             self.on_event("dead", str(error))
             if self.ws is not None:
                 self._closer = asyncio.get_running_loop().create_task(self.ws.close())
@@ -179,6 +183,40 @@ class ReconnectingLink(ABC):
         for future in waiting:
             if not future.done():
                 future.set_exception(error)
+
+    async def ask(self, text: str, key: Hashable) -> Any:
+        """Send a request and wait for the frame that answers it (``on_raw`` resolves
+        ``other_futures[key]``). A connection lost before the answer is not a failure while
+        the link reconnects: the request is asked again on the next connection, so it must
+        be idempotent. Bounded by the connect timeout plus the reconnect window."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + (self.config.connect_timeout_s +
+                                    self.config.reconnect_window_s)
+        try:
+            while True:
+                future: asyncio.Future[Any] = loop.create_future()
+                self.other_futures[key] = future
+                try:
+                    async with asyncio.timeout_at(give_up_at):
+                        await self.connected.wait()
+                        if self.dead is not None:
+                            raise self.dead
+                        ws = self.ws
+                        assert ws is not None
+                        try:
+                            ws.send_now(text)
+                        except ConnectionClosed:
+                            continue
+                        async with asyncio.timeout(self.config.connect_timeout_s):
+                            await asyncio.wait([future, ws.closed],
+                                               return_when=asyncio.FIRST_COMPLETED)
+                except TimeoutError:
+                    raise TargetError(Cause.TRANSPORT, "no answer to a request in time") \
+                        from None
+                if future.done():
+                    return future.result()
+        finally:
+            self.other_futures.pop(key, None)
 
     def resolve_ack(self, key: str, ack: Ack) -> None:
         future = self.ack_futures.pop(key, None)
@@ -206,7 +244,7 @@ class ReconnectingLink(ABC):
             raise self.dead
         ws = self.ws
         assert ws is not None
-        await ws.send(text)
+        ws.send_now(text)
 
     async def write_or_hold(self, text: str) -> None:
         """Write now; while disconnected, keep quiet: handshake(resume=True) resends."""
@@ -216,9 +254,8 @@ class ReconnectingLink(ABC):
     def drop(self) -> None:
         """Cut the connection the way a mobile network does: no close handshake. The reader
         then reconnects and resumes like after any real drop (used to test that path)."""
-        ws = self.ws
-        if ws is not None and ws.transport is not None:
-            ws.transport.abort()
+        if self.ws is not None:
+            self.ws.abort()
 
     async def close(self) -> None:
         self.closing = True

@@ -13,8 +13,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
 
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import AgentSelf, Cause
@@ -32,6 +30,7 @@ from chatprobe.protocols.base import (
     register,
 )
 from chatprobe.protocols.link import ReconnectingLink, SeenIds
+from chatprobe.protocols.websocket import WebSocket
 
 LOGIN_ERRORS = {
     wire.ERR_AUTH_FAILED: Cause.AUTH_REJECTED,
@@ -90,7 +89,7 @@ class _Link(ReconnectingLink):
         # reconnect as the platform duplicating messages.
         self.seen = SeenIds()
 
-    async def handshake(self, ws: ClientConnection, resume: bool) -> None:
+    async def handshake(self, ws: WebSocket, resume: bool) -> None:
         hello = dict(self.hello)
         if resume and self.last_id is not None:
             hello["resume_after"] = self.last_id
@@ -154,18 +153,8 @@ class _Link(ReconnectingLink):
         self.on_frame(frame)
 
     async def request(self, frame: wire.Frame, reply_type: str, ref: str) -> wire.Frame:
-        future: asyncio.Future[wire.Frame] = asyncio.get_running_loop().create_future()
-        key = (reply_type, ref)
-        self.other_futures[key] = future
-        try:
-            await self.write(wire.encode(frame))
-            async with asyncio.timeout(self.config.connect_timeout_s):
-                return await future
-        except ConnectionClosed:
-            raise TargetError(Cause.DISCONNECTED, f"connection lost during {frame['type']}") \
-                from None
-        finally:
-            self.other_futures.pop(key, None)
+        answer: wire.Frame = await self.ask(wire.encode(frame), (reply_type, ref))
+        return answer
 
     async def send_acked(self, frame: wire.Frame, client_msg_id: str) -> asyncio.Future[Ack]:
         future = self.new_ack(client_msg_id)

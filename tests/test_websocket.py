@@ -1,0 +1,175 @@
+"""The lean WebSocket client against real servers on loopback: websockets' own server for the
+protocol paths, and raw TCP servers for the misbehaving ones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from chatprobe.protocols.websocket import Message, connect
+from tests.conftest import scaled
+
+Handler = Callable[[ServerConnection], Awaitable[None]]
+
+
+@asynccontextmanager
+async def ws_server(handler: Handler) -> AsyncIterator[str]:
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/"
+
+
+@asynccontextmanager
+async def raw_server(on_connect: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                          Awaitable[None]]) -> AsyncIterator[str]:
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"ws://127.0.0.1:{port}/"
+    finally:
+        server.close()
+
+
+async def echo(ws: ServerConnection) -> None:
+    async for message in ws:
+        await ws.send(message)
+
+
+def test_messages_go_both_ways_and_close_cleanly() -> None:
+    async def main() -> None:
+        async with ws_server(echo) as url:
+            ws = await connect(url, scaled(5))
+            await ws.send("before delivery")
+            assert await ws.recv() == "before delivery"  # queued for recv() until deliver_to
+            got: list[Message] = []
+            done = asyncio.Event()
+
+            def on_message(message: Message) -> None:
+                got.append(message)
+                if len(got) == 3:
+                    done.set()
+
+            ws.deliver_to(on_message)
+            for text in ("a", "ü" * 70_000, "c"):  # the long one needs a 64-bit length field
+                ws.send_now(text)
+            async with asyncio.timeout(scaled(5)):
+                await done.wait()
+            assert got == ["a", "ü" * 70_000, "c"]
+            await ws.close()
+            assert ws.closed.done()
+            with pytest.raises(ConnectionClosed):
+                ws.send_now("after close")
+
+    asyncio.run(main())
+
+
+def test_fragmented_messages_are_assembled() -> None:
+    async def fragments(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send(["frag", "men", "ted"])  # an iterable is sent as fragments
+        await ws.send([b"\x00\x01", b"\x02"])
+
+    async def main() -> None:
+        async with ws_server(fragments) as url:
+            ws = await connect(url, scaled(5))
+            await ws.send("go")
+            async with asyncio.timeout(scaled(5)):
+                assert await ws.recv() == "fragmented"
+                assert await ws.recv() == b"\x00\x01\x02"
+            await ws.close()
+
+    asyncio.run(main())
+
+
+def test_refused_upgrade_raises_invalid_status() -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        async with raw_server(refuse) as url:
+            with pytest.raises(InvalidStatus) as caught:
+                await connect(url, scaled(5))
+            assert caught.value.response.status_code == 403
+
+    asyncio.run(main())
+
+
+def test_garbage_instead_of_http_raises_invalid_handshake() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"\x16\x03\x01 this is not HTTP\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    async def main() -> None:
+        async with raw_server(garbage) as url:
+            with pytest.raises(InvalidHandshake):
+                await connect(url, scaled(5))
+
+    asyncio.run(main())
+
+
+def test_silent_server_times_out_the_opening_handshake() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async def main() -> None:
+        async with raw_server(silent) as url:
+            with pytest.raises(TimeoutError):
+                await connect(url, 0.3)
+
+    asyncio.run(main())
+
+
+def test_invalid_utf8_in_a_text_frame_fails_the_connection() -> None:
+    async def bad_text(ws: ServerConnection) -> None:
+        await ws.recv()
+        # A text frame whose payload is not UTF-8, written below websockets' checks.
+        ws.protocol.send_text(b"\xff\xfe")
+        ws.send_data()
+        await ws.wait_closed()
+
+    async def main() -> None:
+        async with ws_server(bad_text) as url:
+            ws = await connect(url, scaled(5))
+            await ws.send("go")
+            async with asyncio.timeout(scaled(5)):
+                await asyncio.shield(ws.closed)
+            with pytest.raises(ConnectionClosed) as caught:
+                await ws.recv()
+            assert caught.value.sent is not None and caught.value.sent.code == 1007
+
+    asyncio.run(main())
+
+
+def test_a_connection_without_pongs_is_cut() -> None:
+    async def never_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key"))
+        import base64
+        import hashlib
+
+        accept = base64.b64encode(hashlib.sha1(
+            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # swallow pings without answering, until the client cuts
+
+    async def main() -> None:
+        async with raw_server(never_pong) as url:
+            ws = await connect(url, scaled(5), ping_interval_s=0.05, ping_timeout_s=0.1)
+            async with asyncio.timeout(scaled(5)):
+                await asyncio.shield(ws.closed)
+
+    asyncio.run(main())
