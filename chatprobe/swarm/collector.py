@@ -24,6 +24,7 @@ LATE_SEND_US = 50_000
 CPU_LIMIT_PERCENT = 90.0
 LOOP_LAG_LIMIT_US = 100_000
 LATE_SEND_LIMIT_SHARE = 0.01
+EXAMPLES_SHOWN = 20  # of each: lost, late
 
 
 @dataclass
@@ -155,6 +156,15 @@ class Collector:
                                f"more than {LATE_SEND_US // 1000} ms behind plan")
         return reasons
 
+    def _example(self, record: MessageRecord) -> dict[str, Any]:
+        """A lost or late message as evidence: which one, when in the run, who got it."""
+        return {"outcome": record.outcome.value, "kind": record.kind,
+                "conversation": record.conversation, "seq": record.seq,
+                "sender": record.sender,
+                "planned_at_s": round((record.intended_us - self.start_us) / 1e6, 3),
+                "latency_ms": None if record.latency_us is None else record.latency_us / 1000,
+                "receiver": record.receiver}
+
     def finish(self, summary: RunSummary) -> dict[str, Any]:
         """Close the run (everything still pending is lost) and build the JSON document."""
         self.ledger.finish()
@@ -178,6 +188,9 @@ class Collector:
             merged.merge(time_bin.latency)
         # The per-interval histograms merged must give the run's percentiles back exactly.
         doc["latency_ms_merged_bins"] = merged.summary_ms() | {"count": merged.count}
+        doc["examples"] = [self._example(record) for record in
+                           self.ledger.lost_records[:EXAMPLES_SHOWN] +
+                           self.ledger.late_records[:EXAMPLES_SHOWN]]
         bin_s = self.bin_us / 1_000_000
         doc["timeseries"] = [
             {"t_s": round(index * bin_s, 3), "users": b.users,

@@ -36,6 +36,7 @@ from chatprobe.swarm.scripts import AGENT_REPLIES, Script
 REPLY_SUFFIX = ">r"  # an agent's reply travels in its own stamped conversation
 END = "end"  # control items in the hand-off queue (a send always has a client id)
 DROP = "drop"
+LEAVE = "leave"
 
 
 def clock_domain() -> str:
@@ -141,15 +142,28 @@ class LoopThread:
         self.loop.call_soon_threadsafe(fn, *args)
 
 
+RECENT_CONVERSATIONS = 8  # a customer's closed conversations whose late replies still count
+
+
+@dataclass
+class _Conversation:
+    """One round of the script: a conversation of its own on the customer's connection."""
+
+    id: str  # the platform's
+    closed: bool = False
+    awaiting_replies: set[int] = field(default_factory=set)
+    replies_done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass
 class _Customer:
-    """One fake customer's connection; its sends leave strictly in order, one at a time, so
+    """One fake customer (a Locust user) and its one connection, kept across script rounds as
+    a real chat client keeps its socket; its sends leave strictly in order, one at a time, so
     the harness never reorders a conversation itself."""
 
     name: str
-    outbox: asyncio.Queue[tuple[str, str] | None] = field(default_factory=asyncio.Queue)
-    awaiting_replies: set[int] = field(default_factory=set)
-    replies_done: asyncio.Event = field(default_factory=asyncio.Event)
+    outbox: asyncio.Queue[tuple[str, str, str]] = field(default_factory=asyncio.Queue)
+    conversations: dict[str, _Conversation] = field(default_factory=dict)
 
 
 @dataclass
@@ -194,7 +208,7 @@ class WorkerEngine:
         self.started_at = time.monotonic()
         self._seq: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handoff: deque[tuple[str, str, str]] = deque()
+        self._handoff: deque[tuple[str, str, str, str]] = deque()
         self._wake_pending = False
 
     # -- greenlet side -----------------------------------------------------------------
@@ -215,8 +229,10 @@ class WorkerEngine:
             self.failure = "probe agents did not log in in time"
         return self.agents_ready
 
-    def send(self, user: str, kind: str, body: str, intended_us: int) -> None:
-        """Stamp and hand over one message; called by a user's greenlet at its planned time."""
+    def send(self, customer: str, round_name: str, kind: str, body: str,
+             intended_us: int) -> None:
+        """Stamp and hand over one message of ``customer``'s conversation ``round_name``;
+        called by the user's greenlet at its planned time."""
         sent = now_us()
         lag = sent - intended_us
         out = self.out
@@ -224,12 +240,13 @@ class WorkerEngine:
             out.late_sends += 1
         if lag > out.send_lag_max_us:
             out.send_lag_max_us = lag
-        conversation = f"{self.worker}{user}"
+        conversation = f"{self.worker}{round_name}"
         seq = self._seq.get(conversation, 0) + 1
         self._seq[conversation] = seq
         text = self.codec.stamp_text(body, conversation, conversation, seq, intended_us)
         out.sends.append([conversation, conversation, seq, intended_us, sent, kind])
-        self._handoff.append((conversation, f"{self.codec.run}-{conversation}-{seq}", text))
+        self._handoff.append((f"{self.worker}{customer}", conversation,
+                              f"{self.codec.run}-{conversation}-{seq}", text))
         if not self._wake_pending:
             # One wake-up per burst, not per message: the cross-thread call is the costly part.
             self._wake_pending = True
@@ -257,17 +274,23 @@ class WorkerEngine:
             out.events.append(problems.popleft())
         return batch
 
-    def end_conversation(self, user: str) -> None:
-        """The user's script is over: its customer closes the conversation and leaves."""
+    def end_conversation(self, customer: str, round_name: str) -> None:
+        """The round's script is over: the customer closes that conversation (once its
+        answers are in) and keeps its connection for the next round."""
         # Through the same queue as the sends, so it cannot overtake the last message.
-        self._control(user, END)
+        self._seq.pop(f"{self.worker}{round_name}", None)
+        self._control(customer, f"{self.worker}{round_name}", END)
 
-    def drop_connection(self, user: str) -> None:
+    def drop_connection(self, customer: str) -> None:
         """The customer's network drops (mobile): the session must reconnect and resume."""
-        self._control(user, DROP)
+        self._control(customer, "", DROP)
 
-    def _control(self, user: str, what: str) -> None:
-        self._handoff.append((f"{self.worker}{user}", "", what))
+    def leave(self, customer: str) -> None:
+        """The customer goes away (the shape took its user): the connection closes."""
+        self._control(customer, "", LEAVE)
+
+    def _control(self, customer: str, conversation: str, what: str) -> None:
+        self._handoff.append((f"{self.worker}{customer}", conversation, "", what))
         if not self._wake_pending:
             self._wake_pending = True
             self.thread.call(self._drain_handoff)
@@ -363,20 +386,23 @@ class WorkerEngine:
         parse = self.codec.parse
         receipts = self.out.receipts
         receiver = f"customer:{customer.name}"
-        own_replies = f"{customer.name}{REPLY_SUFFIX}"
+        conversations = customer.conversations
 
         def on_receive(text: str, server_id: str | None) -> None:
             received = now_us()
             stamp = parse(text)
-            # Only answers to this conversation: another session of a shared account (Matrix
-            # syncs every room of the account) must not count as this customer's receipt.
-            if stamp is None or stamp.foreign or not stamp.valid or (
-                    stamp.conversation != own_replies):
+            # Only answers to this customer's own conversations: another session of a shared
+            # account (Matrix syncs every room of the account) must not count as a receipt.
+            if stamp is None or stamp.foreign or not stamp.valid or not (
+                    stamp.conversation.endswith(REPLY_SUFFIX)):
+                return
+            conversation = conversations.get(stamp.conversation[:-len(REPLY_SUFFIX)])
+            if conversation is None:
                 return
             receipts.append([stamp.conversation, stamp.seq, receiver, received])
-            customer.awaiting_replies.discard(stamp.seq)
-            if not customer.awaiting_replies:
-                customer.replies_done.set()
+            conversation.awaiting_replies.discard(stamp.seq)
+            if not conversation.awaiting_replies:
+                conversation.replies_done.set()
 
         return on_receive
 
@@ -393,23 +419,14 @@ class WorkerEngine:
         for _ in range(len(handoff)):
             self._send_in_loop(*handoff.popleft())
 
-    def _send_in_loop(self, conversation: str, client_id: str, text: str) -> None:
-        if not client_id:
-            if text == END:
-                self._end_in_loop(conversation)
-            elif (customer := self.customers.get(conversation)) is not None:
-                customer.outbox.put_nowait((DROP, ""))
-            return
-        customer = self.customers.get(conversation)
+    def _send_in_loop(self, name: str, conversation: str, client_id: str, text: str) -> None:
+        customer = self.customers.get(name)
         if customer is None:
-            customer = self.customers[conversation] = _Customer(conversation)
+            if not client_id:
+                return  # a control item for a customer that is already gone
+            customer = self.customers[name] = _Customer(name)
             self._spawn(self._run_customer(customer))
-        customer.outbox.put_nowait((client_id, text))
-
-    def _end_in_loop(self, conversation: str) -> None:
-        customer = self.customers.get(conversation)
-        if customer is not None:
-            customer.outbox.put_nowait(None)
+        customer.outbox.put_nowait((conversation, client_id, text))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -417,7 +434,8 @@ class WorkerEngine:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_customer(self, customer: _Customer) -> None:
-        """Connect, open the conversation, send what the user hands over, then leave."""
+        """Connect once, then per round: open the conversation, send what the user hands
+        over, close it once its answers are in; leave when the user goes."""
         assert self.adapter is not None
         session: CustomerSession | None = None
         try:
@@ -425,29 +443,33 @@ class WorkerEngine:
                 f"swarm-{self.codec.run}-{customer.name}", self._customer_receiver(customer),
                 self._event(customer.name))
             channels = self.config.channels
-            channel = channels[zlib.crc32(customer.name.encode()) % len(channels)]
-            conversation = await session.open_conversation(customer.name, channel)
-            while (item := await customer.outbox.get()) is not None:
-                client_id, text = item
-                if client_id == DROP:
-                    if session.drop_connection():
-                        self.out.events.append(f"{customer.name} dropped its connection")
+            open_rounds = customer.conversations
+            while True:
+                name, client_id, text = await customer.outbox.get()
+                if not client_id:
+                    if text == LEAVE:
+                        break
+                    if text == DROP:
+                        if session.drop_connection():
+                            self.out.events.append(f"{customer.name} dropped its connection")
+                    elif (ending := open_rounds.get(name)) is not None:
+                        self._spawn(self._close_when_answered(session, customer, name, ending))
                     continue
+                conversation = open_rounds.get(name)
+                if conversation is None:
+                    channel = channels[zlib.crc32(name.encode()) % len(channels)]
+                    opened = await session.open_conversation(name, channel)
+                    conversation = open_rounds[name] = _Conversation(opened.id)
                 # The ack arrives later; not waiting for it keeps the open-model pace.
                 seq = int(client_id.rsplit("-", 1)[1])
                 step = self.script.step_for_seq(seq) if self.script is not None else None
                 if step is not None and step.expects_reply:
-                    customer.awaiting_replies.add(seq)
-                    customer.replies_done.clear()
+                    conversation.awaiting_replies.add(seq)
+                    conversation.replies_done.clear()
                 ack = await session.send(conversation.id, client_id, text)
                 ack.add_done_callback(self._ack_checker(customer.name))
-            if customer.awaiting_replies:
-                # Stay for the answers (bounded by the deadline), as a customer would.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.config.deadline_ms / 1000):
-                        await customer.replies_done.wait()
-            # The customer leaves: close the conversation so the agent's capacity frees up.
-            await session.close_conversation(conversation.id)
+            for name, conversation in list(open_rounds.items()):
+                await self._close_when_answered(session, customer, name, conversation)
         except TargetError as exc:
             # Unsent messages stay unmatched: the ledger calls them lost at their deadline.
             self.out.events.append(f"{customer.name} dead: {exc}")
@@ -456,6 +478,23 @@ class WorkerEngine:
             if session is not None:
                 with contextlib.suppress(Exception):
                     await session.close()
+
+    async def _close_when_answered(self, session: CustomerSession, customer: _Customer,
+                                   name: str, conversation: _Conversation) -> None:
+        """Stay for the answers (bounded by the deadline), as a customer would, then close
+        the conversation so the agent's capacity frees up."""
+        if conversation.awaiting_replies:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.deadline_ms / 1000):
+                    await conversation.replies_done.wait()
+        if not conversation.closed:
+            conversation.closed = True
+            with contextlib.suppress(TargetError):
+                await session.close_conversation(conversation.id)
+        # Late answers to a recently closed round still count; older rounds are forgotten.
+        finished = customer.conversations
+        while len(finished) > RECENT_CONVERSATIONS:
+            del finished[next(iter(finished))]
 
     def _ack_checker(self, who: str) -> Callable[[asyncio.Future[Any]], None]:
         """Reads each ack's outcome so a refusal is reported (the message itself is counted
@@ -471,7 +510,7 @@ class WorkerEngine:
     def _stop_in_loop(self) -> None:
         async def close_all() -> None:
             for customer in list(self.customers.values()):
-                customer.outbox.put_nowait(None)
+                customer.outbox.put_nowait(("", "", LEAVE))
             for agent in self.agents:
                 with contextlib.suppress(Exception):
                     await agent.close()

@@ -318,17 +318,18 @@ class ChatCustomer(User):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         self.rng = random.Random()
-        self.index = 0
+        self.customer = ""
+        self.round = 0
 
     def on_start(self) -> None:
         ChatCustomer._counter += 1
-        self.index = ChatCustomer._counter
-        self.in_conversation = False
+        self.customer = f"c{ChatCustomer._counter}"  # one connection for the user's life
+        self.round = 0
 
     def on_stop(self) -> None:
-        # The shape took this customer away mid-script: it leaves, closing its conversation.
-        if self.in_conversation and STATE.engine is not None:
-            STATE.engine.end_conversation(f"u{self.index}")
+        # The shape took this customer away (maybe mid-script): it closes and leaves.
+        if STATE.engine is not None:
+            STATE.engine.leave(self.customer)
 
     def run_script(self) -> None:
         engine, script = STATE.engine, STATE.script
@@ -338,23 +339,21 @@ class ChatCustomer(User):
         scale = _opts(self.environment).cp_think_scale
         share = _opts(self.environment).cp_reconnect_share
         share = script.reconnect_share if share < 0 else share
-        name = f"u{self.index}"
+        customer = self.customer
+        # A new conversation each round, as a returning customer would start.
+        self.round += 1
+        name = f"{customer}-{self.round}"
         drop_after = self.rng.randrange(len(script.steps)) if self.rng.random() < share else -1
         intended = now_us()
-        self.in_conversation = True
         for number, step in enumerate(script.steps):
             intended += int(step.think_s * scale * 1_000_000)
             wait_s = (intended - now_us()) / 1e6
             if wait_s > 0:
                 gevent.sleep(wait_s)
-            engine.send(name, step.kind, script.body(step, self.rng), intended)
+            engine.send(customer, name, step.kind, script.body(step, self.rng), intended)
             if number == drop_after:
-                engine.drop_connection(name)
-        engine.end_conversation(name)
-        self.in_conversation = False
-        # A new conversation next time round, as a returning customer would start.
-        ChatCustomer._counter += 1
-        self.index = ChatCustomer._counter
+                engine.drop_connection(customer)
+        engine.end_conversation(customer, name)
 
 
 class PromotionShape(LoadTestShape):
