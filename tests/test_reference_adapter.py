@@ -147,3 +147,27 @@ def test_refused_open_fails_at_once_with_not_accepted() -> None:
         await customer.close()
 
     asyncio.run(with_server(script, body))
+
+
+def test_a_request_made_while_the_connection_is_down_is_answered_after_the_resume() -> None:
+    opens: list[str] = []
+
+    async def script(ws: ServerConnection) -> None:
+        async for raw in ws:
+            frame = json.loads(raw)
+            if frame["type"] == "open":
+                opens.append(frame["ref"])
+                await ws.send(json.dumps({"type": "opened", "ref": frame["ref"],
+                                          "conversation": 7, "state": "assigned"}))
+
+    async def body(url: str) -> None:
+        adapter = ReferenceAdapter(url, TargetConfig(reconnect_window_s=5))
+        customer = await adapter.connect_customer("c", lambda t, s: None, lambda k, d: None)
+        # The network drops, and the request goes out before the link has noticed: it must
+        # wait for the resume and ask again, not fail the customer (nor spin on the loop).
+        assert customer.drop_connection()
+        conversation = await customer.open_conversation("r1", "web")
+        assert conversation.id == "7" and opens == ["r1"]
+        await customer.close()
+
+    asyncio.run(with_server(script, body))

@@ -114,6 +114,13 @@ class ReconnectingLink(ABC):
             raise
         self.ws = ws
         self.connected.set()
+        # Cleared by a callback on the close itself, which runs before any waiter on the
+        # same future resumes: a request that saw the close never finds `connected` stale.
+        ws.closed.add_done_callback(lambda _: self._lost(ws))
+
+    def _lost(self, ws: WebSocket) -> None:
+        if self.ws is ws and self.dead is None:
+            self.connected.clear()
 
     async def start(self) -> None:
         await self._open(resume=False)
@@ -142,8 +149,6 @@ class ReconnectingLink(ABC):
             # Frames go to on_raw as they are parsed; this task only waits for the end.
             ws.deliver_to(self._dispatch)
             await asyncio.shield(ws.closed)
-            if self.dead is None:
-                self.connected.clear()
             if self.closing or self.dead is not None:
                 return
             self.on_event("disconnected", "connection closed by the target or network")
@@ -203,10 +208,8 @@ class ReconnectingLink(ABC):
                             raise self.dead
                         ws = self.ws
                         assert ws is not None
-                        try:
+                        with contextlib.suppress(ConnectionClosed):
                             ws.send_now(text)
-                        except ConnectionClosed:
-                            continue
                         async with asyncio.timeout(self.config.connect_timeout_s):
                             await asyncio.wait([future, ws.closed],
                                                return_when=asyncio.FIRST_COMPLETED)
