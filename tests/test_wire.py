@@ -19,7 +19,7 @@ from chatprobe.protocols.wire import (
 )
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=10)
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=10)
     | st.floats(allow_nan=False, allow_infinity=False),
     lambda children: st.lists(children, max_size=4)
     | st.dictionaries(st.text(max_size=5), children, max_size=4),

@@ -367,18 +367,14 @@ class WorkerEngine:
             try:
                 future = await agent.reply_to(server_id, f"{self.codec.run}-r-{conversation}-"
                                                          f"{seq}", text)
-                if future is None:
-                    self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted "
-                                           "lost")
-                    return
-                # Wait for the verdict so a refusal is reported, not left in an unread future.
-                async with asyncio.timeout(self.config.deadline_ms / 1000):
-                    await future
-            except TimeoutError:
-                pass  # the ledger calls the reply lost at its deadline if it never arrives
             except TargetError as exc:
-                # E.g. the customer already left and closed the conversation.
-                self.out.events.append(f"{agent_id}: reply to {conversation} refused: {exc}")
+                self.out.events.append(f"{agent_id}: reply to {conversation} failed: {exc}")
+                return
+            if future is None:
+                self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted lost")
+                return
+            # A refusal (e.g. the customer already closed the conversation) is reported.
+            future.add_done_callback(self._ack_checker(agent_id))
 
         self._spawn(send_reply())
 
