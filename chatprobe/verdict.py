@@ -7,6 +7,7 @@ broken target), 3 UNKNOWN (the harness could not run).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -112,6 +113,20 @@ class RunSummary:
         }
 
 
+def _latency_line(lat: dict[str, Any], clock_uncertainty_ms: float | None) -> str:
+    # Never more digits than the clocks can vouch for (workers on other hosts): at most µs.
+    decimals = 3
+    if clock_uncertainty_ms:
+        decimals = max(0, min(3, -math.floor(math.log10(clock_uncertainty_ms))))
+    line = "  latency ms  " + "".join(
+        f" {name} {lat[key]:.{decimals}f} " for name, key in (
+            ("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p999"), ("max", "max")))
+    line += f" (n={lat['count']})"
+    if clock_uncertainty_ms:
+        line += f"  clock uncertainty +/- {clock_uncertainty_ms:.{decimals}f} ms"
+    return line
+
+
 def render_table(doc: dict[str, Any]) -> str:
     """The human summary printed at the end of a probe."""
     lat = doc["latency_ms"]
@@ -129,8 +144,7 @@ def render_table(doc: dict[str, Any]) -> str:
         f"  {'lost':<12}{doc['lost']:>8}   {'forged':<12}{doc['forged']:>8}",
         f"  availability {('n/a' if avail is None else f'{avail * 100:.3f} %')}"
         f" (within SLA {doc['sla_ms']:g} ms; lost after {doc['deadline_ms']:g} ms)",
-        f"  latency ms   p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}"
-        f"  p99.9 {lat['p999']:.3f}  max {lat['max']:.3f}  (n={lat['count']})",
+        _latency_line(lat, (doc.get("clock") or {}).get("uncertainty_ms")),
     ]
     if doc["diagnoses"]:
         lines.append("")
@@ -141,7 +155,7 @@ def render_table(doc: dict[str, Any]) -> str:
         events = ", ".join(f"{k} {v}" for k, v in sorted(doc["events"].items()))
         lines.append(f"  connection events: {events}")
     if doc.get("valid") is False:
-        lines.append("  RUN INVALID: the load generator was the bottleneck, so these numbers "
-                     "describe it, not the target:")
+        lines.append("  RUN INVALID: these numbers describe the harness (its load "
+                     "generator or its clocks), not the target:")
         lines.extend(f"    {reason}" for reason in doc.get("invalid_reasons", []))
     return "\n".join(lines)

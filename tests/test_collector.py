@@ -7,15 +7,25 @@ from typing import Any
 from chatprobe.histogram import LatencyHistogram
 from chatprobe.ledger import LedgerCounts
 from chatprobe.stamp import StampCodec
-from chatprobe.swarm.collector import Collector, empty_batch
-from chatprobe.verdict import RunSummary
+from chatprobe.swarm.collector import CLOCK_SAMPLES, Collector, empty_batch
+from chatprobe.verdict import RunSummary, render_table
 
 SECOND = 1_000_000
 
 
-def collector() -> Collector:
+def collector(clock: str | None = None) -> Collector:
     return Collector(StampCodec(run="run1", secret=b"collector-secret"), sla_us=SECOND,
-                     deadline_us=3 * SECOND, start_us=0)
+                     deadline_us=3 * SECOND, start_us=0, clock=clock)
+
+
+def round_trips(c: Collector, worker: str, clock: str, offset_us: int,
+                trips_us: list[int]) -> None:
+    """NTP-style samples from a worker whose clock is ``offset_us`` ahead of the master's;
+    each answer is read on the worker's clock halfway (or anywhere) through the trip."""
+    master = 10 * SECOND
+    for trip in trips_us:
+        c.clock_sample(worker, clock, master, master + trip // 3 + offset_us, master + trip)
+        master += SECOND
 
 
 def batch(worker: str = "w0", clock: str = "boot-a", **fields: Any) -> dict[str, Any]:
@@ -59,12 +69,55 @@ def test_generator_health_makes_a_run_invalid() -> None:
     assert any("behind plan" in r for r in reasons)
 
 
-def test_workers_on_two_clocks_are_reported() -> None:
+def test_workers_on_two_clocks_without_estimates_are_reported() -> None:
     c = collector()
     c.ingest(batch("w0", clock="boot-a"))
     c.ingest(batch("w1", clock="boot-b"))
     doc = summary_of(c)
+    assert doc["valid"] is False
+    assert any("different clocks" in r for r in doc["invalid_reasons"])
+
+
+def test_a_worker_on_another_clock_is_moved_onto_the_masters_by_its_estimated_offset() -> None:
+    c = collector(clock="boot-a")
+    # w1 runs the customers on a clock 5,000 s ahead; w0 shares the master's clock.
+    c.ingest(batch("w1", clock="boot-b",
+                   sends=[["w1c1-1", "w1c1-1", 1, 5_000 * SECOND + 2 * SECOND,
+                           5_000 * SECOND + 2 * SECOND, "greeting"]]))
+    c.ingest(batch("w0", clock="boot-a", receipts=[["w1c1-1", 1, "agent", 2 * SECOND + 40_000]]))
+    assert c.ledger.counts.sent == 0  # held: neither offset is known yet
+    round_trips(c, "w0", "boot-a", 0, [400] * CLOCK_SAMPLES)
+    round_trips(c, "w1", "boot-b", 5_000 * SECOND, [900, 600, 2_000, 700, 800])
+    doc = summary_of(c)
+    assert (doc["sent"], doc["delivered"], doc["lost"]) == (1, 1, 0)
+    # The best round trip (600 µs) bounds the offset to +/- 300 µs; the true latency is
+    # 40 ms, and the estimate is within that bound.
+    assert abs(doc["latency_ms"]["p50"] - 40.0) <= 0.3 + 0.05
+    assert doc["clock"]["workers"]["w0"] == {"offset_ms": 0.0, "uncertainty_ms": 0.0,
+                                             "shared_clock": True}
+    assert doc["clock"]["workers"]["w1"]["shared_clock"] is False
+    assert doc["clock"]["workers"]["w1"]["uncertainty_ms"] == 0.3
+    assert doc["clock"]["uncertainty_ms"] == 0.3
+    assert doc["valid"] is True
+    # The table shows no more digits than the clocks vouch for.
+    assert " p50 40.0 " in render_table(doc) or " p50 39.9 " in render_table(doc)
+    assert "clock uncertainty +/- 0.3 ms" in render_table(doc)
+
+
+def test_same_boot_id_but_a_shifted_clock_is_not_taken_for_the_masters() -> None:
+    # A worker in another time namespace (or container) on the same kernel.
+    c = collector(clock="boot-a")
+    round_trips(c, "w1", "boot-a", 3 * SECOND, [500] * CLOCK_SAMPLES)
+    assert c.clocks["w1"].shared is False and c.clocks["w1"].offset_us != 0
+
+
+def test_a_worker_that_never_answers_the_clock_is_counted_but_invalid() -> None:
+    c = collector(clock="boot-a")
+    c.ingest(batch("w1", clock="boot-b", sends=[["c", "c", 1, SECOND, SECOND, "k"]]))
+    doc = summary_of(c)
+    assert doc["sent"] == 1  # held batches are not lost at the end
     assert doc["valid"] is False and doc["clock"]["uncertainty_ms"] is None
+    assert any("never estimated" in r for r in doc["invalid_reasons"])
 
 
 def test_worker_failures_are_kept_for_the_verdict() -> None:

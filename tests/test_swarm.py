@@ -6,7 +6,9 @@ Ground truth is the service's own counters; shapes are checked in Locust's own h
 from __future__ import annotations
 
 import csv
+import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -166,3 +168,55 @@ def test_swarm_whose_agents_cannot_log_in_is_critical_not_ok(
     assert doc["status"] == "CRITICAL"
     assert doc["diagnoses"][0]["outcome"] == "run"
     assert doc["diagnoses"][0]["cause"] == "auth.rejected"
+
+
+def _time_namespaces_work() -> bool:
+    try:
+        return subprocess.run(["unshare", "--fork", "--time", "--monotonic", "1", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _time_namespaces_work(), reason="needs root and time namespaces")
+def test_a_worker_on_another_clock_is_measured_through_its_estimated_offset(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    # Two workers the way separate hosts run them (`locust --worker`), one in its own time
+    # namespace: its monotonic clock is 5,000 s ahead, as a second machine's would differ.
+    # Without the offset every message between the two workers would be off by 5,000 s.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    json_path = tmp_path / "summary.json"
+    options = SwarmOptions(target=reference_service.base_url,
+                           shape=str(shape_file(tmp_path, [(6, 20, 20)])), think_scale=0.1,
+                           admin_token=reference_service.admin_token, deadline_ms=3000.0)
+    master = [*options.locust_command(json_path), "--master", "--expect-workers", "2",
+              "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)]
+    worker = [sys.executable, "-m", "locust", "-f", master[master.index("-f") + 1],
+              "--worker", "--master-host", "127.0.0.1", "--master-port", str(port),
+              "--loglevel", "WARNING"]
+    procs = [subprocess.Popen(master, stdin=subprocess.DEVNULL),
+             subprocess.Popen(worker, stdin=subprocess.DEVNULL),
+             subprocess.Popen(["unshare", "--fork", "--time", "--monotonic", "5000", *worker],
+                              stdin=subprocess.DEVNULL)]
+    try:
+        for proc in procs:
+            proc.wait(timeout=scaled(240))
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    doc = json.loads(json_path.read_text())
+    clocks = doc["clock"]["workers"]
+    shifted = [w for w, c in clocks.items() if not c["shared_clock"]]
+    assert len(clocks) == 2 and len(shifted) == 1, clocks
+    estimate = clocks[shifted[0]]
+    assert abs(estimate["offset_ms"] - 5_000_000) <= estimate["uncertainty_ms"] + 1
+    assert 0 < doc["clock"]["uncertainty_ms"] < 100
+    stats = reference_service.stats()
+    assert doc["sent"] == stats["accepted"] + stats["replies"] == doc["delivered"] + doc["late"]
+    assert doc["lost"] == 0 and doc["valid"] is True, doc["invalid_reasons"]
+    # Loopback latencies, not thousands of seconds either way.
+    assert 0 <= doc["latency_ms"]["p50"] <= doc["latency_ms"]["max"] < 3000
+    assert all(g["sends"] > 0 for g in doc["generator"].values())

@@ -57,14 +57,34 @@ def empty_batch(worker: str, host: str) -> dict[str, Any]:
             "loop_lag_max_us": 0}
 
 
+CLOCK_SAMPLES = 5  # round trips per worker before its offset is fixed for the run
+
+
+@dataclass
+class ClockEstimate:
+    """A worker's monotonic clock against the master's: worker time - offset = master time,
+    right to within ``uncertainty_us`` (half the best round trip, as NTP bounds it)."""
+
+    offset_us: int
+    uncertainty_us: int
+    shared: bool  # the master's own clock (same host, same clock namespace): exact
+    samples: int = 1
+
+
 class Collector:
     def __init__(self, codec: StampCodec, sla_us: int, deadline_us: int, start_us: int,
                  bin_s: float = 2.0,
                  on_outcome: Callable[[MessageRecord], None] | None = None,
-                 keep_raw: bool = False) -> None:
+                 keep_raw: bool = False, clock: str | None = None) -> None:
         """``keep_raw``: also keep every latency sample (µs) so a test or an engineer can
-        recompute percentiles exactly, independent of the histograms."""
+        recompute percentiles exactly, independent of the histograms. ``clock``: the
+        master's clock domain when workers run in other processes; their batches then wait
+        until :meth:`clock_sample` has fixed each worker's offset, and their times are
+        moved onto the master's clock. None: one process, one clock."""
         self.start_us = start_us
+        self.clock = clock
+        self.clocks: dict[str, ClockEstimate] = {}
+        self._held: dict[str, list[dict[str, Any]]] = {}
         self.bin_us = int(bin_s * 1_000_000)
         self.bins: dict[int, Bin] = {}
         self.workers: dict[str, WorkerHealth] = {}
@@ -100,13 +120,50 @@ class Collector:
         if self._on_outcome is not None:
             self._on_outcome(record)
 
+    def clock_sample(self, worker: str, worker_clock: str, master_sent_us: int,
+                     worker_us: int, master_received_us: int) -> None:
+        """One NTP-style round trip: the master sent at ``master_sent_us``, the worker read
+        its clock (``worker_us``), the master got the answer at ``master_received_us``."""
+        estimate = self.clocks.get(worker)
+        if estimate is not None and estimate.samples >= CLOCK_SAMPLES:
+            return  # fixed for the run: every batch of a worker moves by the same offset
+        uncertainty = max(0, master_received_us - master_sent_us) // 2
+        offset = worker_us - (master_sent_us + master_received_us) // 2
+        # Same boot id and an offset the round trip cannot tell from zero: the same clock.
+        shared = worker_clock == self.clock and abs(offset) <= uncertainty
+        if estimate is None or uncertainty < estimate.uncertainty_us:
+            samples = 1 if estimate is None else estimate.samples + 1
+            estimate = ClockEstimate(offset, uncertainty, shared, samples)
+            self.clocks[worker] = estimate
+        else:
+            estimate.samples += 1
+        if estimate.shared:
+            estimate.offset_us = estimate.uncertainty_us = 0
+        if estimate.samples >= CLOCK_SAMPLES:
+            for held in self._held.pop(worker, []):
+                self.ingest(held)
+
+    def _offset_us(self, batch: dict[str, Any]) -> int | None:
+        """The shift onto the master's clock, or None while it is not known yet."""
+        if self.clock is None:
+            return 0
+        estimate = self.clocks.get(batch["worker"])
+        if estimate is None or estimate.samples < CLOCK_SAMPLES:
+            return None
+        return estimate.offset_us
+
     def ingest(self, batch: dict[str, Any]) -> None:
+        offset = self._offset_us(batch)
+        if offset is None:
+            self._held.setdefault(batch["worker"], []).append(batch)
+            return
         ledger = self.ledger
         for sender, conversation, seq, intended_us, sent_us, kind in batch["sends"]:
-            ledger.record_send(sender, conversation, seq, intended_us, sent_us, kind)
+            intended_us -= offset
+            ledger.record_send(sender, conversation, seq, intended_us, sent_us - offset, kind)
             self._bin(intended_us).sent += 1
         for conversation, seq, receiver, received_us in batch["receipts"]:
-            ledger.record_receipt(conversation, seq, receiver, received_us)
+            ledger.record_receipt(conversation, seq, receiver, received_us - offset)
         ledger.counts.forged += batch["forged"]
         ledger.counts.foreign += batch["foreign"]
         health = self.workers.setdefault(batch["worker"], WorkerHealth(host=batch["host"]))
@@ -137,13 +194,38 @@ class Collector:
             self.ledger.forget_closed_before(horizon)
             self._pruned_until_us = horizon
 
+    def release_held(self) -> list[str]:
+        """At the end: batches of workers whose clock was never estimated go in unshifted;
+        returns those workers (their latencies mix clocks, so the run is invalid)."""
+        unknown = sorted(self._held)
+        for worker in unknown:
+            estimate = self.clocks.get(worker)
+            # Fewer round trips than planned still beat none; -1 marks it as not trusted.
+            self.clocks[worker] = ClockEstimate(estimate.offset_us if estimate else 0, -1,
+                                                False, CLOCK_SAMPLES)
+            for held in self._held.pop(worker):
+                self.ingest(held)
+        return unknown
+
+    def clock_uncertainty_us(self) -> int | None:
+        """How far a latency can be off because of clocks: a message's send and receipt
+        may come from the two least certain workers. None when a clock is unknown."""
+        if any(e.uncertainty_us < 0 for e in self.clocks.values()):
+            return None
+        worst = sorted((e.uncertainty_us for e in self.clocks.values()), reverse=True)
+        return sum(worst[:2])
+
     def invalid_reasons(self) -> list[str]:
         """Why the generator's own numbers cannot be trusted (empty when they can)."""
         reasons = []
+        for worker, estimate in sorted(self.clocks.items()):
+            if estimate.uncertainty_us < 0:
+                reasons.append(f"worker {worker}: its clock offset was never estimated; "
+                               "latencies across workers mix unrelated clocks")
         clocks = {h.clock for h in self.workers.values()}
-        if len(clocks) > 1:
-            reasons.append(f"workers on {len(clocks)} different clocks (hosts): latencies "
-                           "across them mix unrelated monotonic clocks")
+        if self.clock is None and len(clocks) > 1:
+            reasons.append(f"workers on {len(clocks)} different clocks (hosts) and no "
+                           "clock estimate: latencies across them mix unrelated clocks")
         for name, health in sorted(self.workers.items()):
             if health.samples and health.cpu_high_samples * 2 > health.samples:
                 reasons.append(f"worker {name}: CPU above {CPU_LIMIT_PERCENT:g} % in "
@@ -167,6 +249,7 @@ class Collector:
 
     def finish(self, summary: RunSummary) -> dict[str, Any]:
         """Close the run (everything still pending is lost) and build the JSON document."""
+        self.release_held()
         self.ledger.finish()
         doc = summary.to_json()
         reasons = self.invalid_reasons()
@@ -174,9 +257,18 @@ class Collector:
         clocks = {h.clock for h in self.workers.values()}
         doc["valid"] = not reasons
         doc["invalid_reasons"] = reasons
-        doc["clock"] = {"assumption": "one host, shared monotonic clock",
-                        "hosts": hosts, "clock_domains": len(clocks),
-                        "uncertainty_ms": 0.0 if len(clocks) <= 1 else None}
+        uncertainty = self.clock_uncertainty_us()
+        doc["clock"] = {
+            "assumption": "each worker's monotonic clock runs at the master's rate; workers "
+                          "that share the master's clock are exact, the others are shifted "
+                          "by an offset estimated from NTP-style round trips at the start",
+            "hosts": hosts, "clock_domains": len(clocks),
+            "uncertainty_ms": None if uncertainty is None else uncertainty / 1000,
+            "workers": {worker: {"offset_ms": e.offset_us / 1000,
+                                 "uncertainty_ms": None if e.uncertainty_us < 0
+                                 else e.uncertainty_us / 1000,
+                                 "shared_clock": e.shared}
+                        for worker, e in sorted(self.clocks.items())}}
         doc["generator"] = {
             name: {"host": h.host, "cpu_max_percent": round(h.cpu_max, 1),
                    "loop_lag_max_ms": round(h.loop_lag_max_us / 1000, 3),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import os
@@ -33,14 +34,19 @@ from chatprobe.errors import HarnessError
 from chatprobe.ledger import MessageRecord, Outcome
 from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import Collector
-from chatprobe.swarm.engine import WorkerEngine, now_us
+from chatprobe.swarm.engine import WorkerEngine, clock_domain, now_us
 from chatprobe.swarm.scripts import Script, load_script
 from chatprobe.swarm.shapes import Shape, load_shape
 from chatprobe.verdict import RunSummary, render_table
 
 log = logging.getLogger("chatprobe.swarm")
+GC_YOUNG_THRESHOLD = 50_000  # Python's default is 700 allocations
 BATCH_MESSAGE = "chatprobe_batch"
 DONE_MESSAGE = "chatprobe_done"
+CLOCK_PING = "chatprobe_clock_ping"  # master -> worker, then back: NTP-style offsets
+CLOCK_PONG = "chatprobe_clock_pong"
+CLOCK_ROUNDS = 20  # the collector fixes an offset after CLOCK_SAMPLES; spares for slow starts
+CLOCK_PING_INTERVAL_S = 0.05
 FLUSH_S = 0.5
 EVENTS_KEPT = 500
 # Locust rebuilds its whole argument parser once per option on every spawn message, which
@@ -137,6 +143,37 @@ def _on_init(environment: Environment, **_: Any) -> None:
     if isinstance(runner, MasterRunner):
         runner.register_message(BATCH_MESSAGE, _on_batch)
         runner.register_message(DONE_MESSAGE, _on_done)
+        runner.register_message(CLOCK_PONG, _on_clock_pong)
+    elif isinstance(runner, WorkerRunner):
+        runner.register_message(CLOCK_PING, _on_clock_ping)
+
+
+def _on_clock_ping(environment: Environment, msg: Any, **_: Any) -> None:
+    runner = environment.runner
+    assert isinstance(runner, WorkerRunner)
+    runner.send_message(CLOCK_PONG, {"sent_us": msg.data["sent_us"], "worker_us": now_us(),
+                                     "worker": f"w{runner.worker_index}",
+                                     "clock": clock_domain()})
+
+
+def _on_clock_pong(environment: Environment, msg: Any, **_: Any) -> None:
+    received = now_us()
+    if STATE.collector is not None:
+        data = msg.data
+        STATE.collector.clock_sample(str(data["worker"]), str(data["clock"]),
+                                     int(data["sent_us"]), int(data["worker_us"]), received)
+
+
+def _sync_clocks(environment: Environment) -> None:
+    """Round trips to every worker until each clock offset is fixed (a few at the start)."""
+    runner = environment.runner
+    assert isinstance(runner, MasterRunner)
+    for _ in range(CLOCK_ROUNDS):
+        if STATE.collector is None:
+            return
+        for client_id in list(runner.clients):
+            runner.send_message(CLOCK_PING, {"sent_us": now_us()}, client_id=client_id)
+        gevent.sleep(CLOCK_PING_INTERVAL_S)
 
 
 def _on_batch(environment: Environment, msg: Any, **_: Any) -> None:
@@ -192,6 +229,12 @@ def _report_outcome(environment: Environment, deadline_ms: float) -> Any:
 @events.test_start.add_listener
 def _on_test_start(environment: Environment, **_: Any) -> None:
     runner = environment.runner
+    # Everything loaded so far lives for the whole run: keep it out of the collector's scans,
+    # and collect the young generation less often. Full collections over the ledger's
+    # in-flight records otherwise stall the chat loop for tens of milliseconds.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
     host, config = _target(environment)
     codec = _codec(environment)
     STATE.done_workers.clear()
@@ -200,10 +243,13 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         STATE.collector = Collector(codec, int(config.sla_ms * 1000),
                                     int(config.deadline_ms * 1000), now_us(),
                                     on_outcome=_report_outcome(environment, config.deadline_ms),
-                                    keep_raw=bool(_opts(environment).cp_raw_latencies))
+                                    keep_raw=bool(_opts(environment).cp_raw_latencies),
+                                    clock=clock_domain() if isinstance(runner, MasterRunner)
+                                    else None)
         STATE.greenlets.append(gevent.spawn(_tick_collector, environment))
     if isinstance(runner, MasterRunner):
         STATE.expected_workers = len(runner.clients)
+        STATE.greenlets.append(gevent.spawn(_sync_clocks, environment))
         return
     if STATE.engine is not None:
         return  # test_start fired again for the same run (Locust restarts spawning)
