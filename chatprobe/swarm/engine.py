@@ -1,10 +1,12 @@
 """The worker engine: one asyncio (uvloop) thread per process holding every chat connection.
 
 Locust runs users as gevent greenlets; chatprobe's adapters are asyncio. Greenlets never wait
-on the loop: they pace, stamp and hand a send over with ``call_soon_threadsafe``; the loop
-thread hands back what it saw through deques (atomic appends, no locks shared across the two
-schedulers, which gevent does not support, gevent issue #1739). A flusher greenlet drains the
-deques into batches for the master's collector.
+on the loop: each hands over a whole round of its script (planned times and bodies) with
+``call_soon_threadsafe``, and the loop stamps and sends each message at its planned time, so
+no message crosses the two threads on its own. The loop thread hands back what it saw
+through deques (atomic appends, no locks shared across the two schedulers, which gevent does
+not support, gevent issue #1739). A flusher greenlet drains the deques into batches for the
+master's collector.
 """
 
 from __future__ import annotations
@@ -34,9 +36,8 @@ from chatprobe.swarm.collector import LATE_SEND_US, empty_batch
 from chatprobe.swarm.scripts import AGENT_REPLIES, Script
 
 REPLY_SUFFIX = ">r"  # an agent's reply travels in its own stamped conversation
-END = "end"  # control items in the hand-off queue (a send always has a client id)
-DROP = "drop"
-LEAVE = "leave"
+# A planned message: (intended time µs, script step kind, body).
+Planned = tuple[int, str, str]
 
 
 def clock_domain() -> str:
@@ -162,8 +163,15 @@ class _Customer:
     the harness never reorders a conversation itself."""
 
     name: str
-    outbox: asyncio.Queue[tuple[str, str, str]] = field(default_factory=asyncio.Queue)
+    # Rounds to play, in order: (conversation name, plan, index of the message after which
+    # the connection drops or -1); None when the customer leaves.
+    rounds: asyncio.Queue[tuple[str, list[Planned], int] | None] = field(
+        default_factory=asyncio.Queue)
     conversations: dict[str, _Conversation] = field(default_factory=dict)
+    leaving: bool = False
+    # When the target last let the customer go on (connected, conversation opened): a send
+    # it held up until then is the target's delay, not the generator falling behind.
+    unblocked_us: int = 0
 
 
 @dataclass
@@ -173,10 +181,10 @@ class EngineOutput:
     sends: deque[list[Any]] = field(default_factory=deque)
     receipts: deque[list[Any]] = field(default_factory=deque)
     events: deque[str] = field(default_factory=deque)
-    forged: int = 0
+    forged: int = 0  # cumulative counters, written by the loop thread only
     foreign: int = 0
     late_sends: int = 0
-    send_lag_max_us: int = 0
+    send_lag_max_us: int = 0  # a maximum, reset by the reader (a lost reset only repeats it)
 
 
 class WorkerEngine:
@@ -201,14 +209,14 @@ class WorkerEngine:
         self._replied = SeenIds()
         self._sent_forged = 0
         self._sent_foreign = 0
+        self._sent_late = 0
         self.clock_domain = clock_domain()
         self.agents_ready = False
         self.failure: str | None = None
         self.failure_cause: str | None = None
         self.started_at = time.monotonic()
-        self._seq: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handoff: deque[tuple[str, str, str, str]] = deque()
+        self._handoff: deque[tuple[str, tuple[str, list[Planned], int] | None]] = deque()
         self._wake_pending = False
 
     # -- greenlet side -----------------------------------------------------------------
@@ -229,26 +237,23 @@ class WorkerEngine:
             self.failure = "probe agents did not log in in time"
         return self.agents_ready
 
-    def send(self, customer: str, round_name: str, kind: str, body: str,
-             intended_us: int) -> None:
-        """Stamp and hand over one message of ``customer``'s conversation ``round_name``;
-        called by the user's greenlet at its planned time."""
-        sent = now_us()
-        lag = sent - intended_us
-        out = self.out
-        if lag > LATE_SEND_US:
-            out.late_sends += 1
-        if lag > out.send_lag_max_us:
-            out.send_lag_max_us = lag
-        conversation = f"{self.worker}{round_name}"
-        seq = self._seq.get(conversation, 0) + 1
-        self._seq[conversation] = seq
-        text = self.codec.stamp_text(body, conversation, conversation, seq, intended_us)
-        out.sends.append([conversation, conversation, seq, intended_us, sent, kind])
-        self._handoff.append((f"{self.worker}{customer}", conversation,
-                              f"{self.codec.run}-{conversation}-{seq}", text))
+    def play_round(self, customer: str, round_name: str, plan: list[Planned],
+                   drop_after: int = -1) -> None:
+        """Hand over one round of ``customer``'s script: a new conversation ``round_name``
+        whose messages the chat loop sends at their planned times (open model: a send the
+        loop makes late is counted, and its latency still counts from the plan). The
+        connection drops after message number ``drop_after`` (mobile users), if >= 0."""
+        self._hand_over(customer, (round_name, plan, drop_after))
+
+    def leave(self, customer: str) -> None:
+        """The customer goes away (the shape took its user): what it has not sent yet is
+        never sent, and its connection closes once the answers are in."""
+        self._hand_over(customer, None)
+
+    def _hand_over(self, customer: str, item: tuple[str, list[Planned], int] | None) -> None:
+        self._handoff.append((f"{self.worker}{customer}", item))
         if not self._wake_pending:
-            # One wake-up per burst, not per message: the cross-thread call is the costly part.
+            # One wake-up per burst: the cross-thread call is the costly part.
             self._wake_pending = True
             self.thread.call(self._drain_handoff)
 
@@ -264,7 +269,8 @@ class WorkerEngine:
         forged, foreign = out.forged, out.foreign  # cumulative, owned by the loop thread
         batch["forged"], self._sent_forged = forged - self._sent_forged, forged
         batch["foreign"], self._sent_foreign = foreign - self._sent_foreign, foreign
-        batch["late_sends"], out.late_sends = out.late_sends, 0
+        late = out.late_sends
+        batch["late_sends"], self._sent_late = late - self._sent_late, late
         batch["send_lag_max_us"], out.send_lag_max_us = out.send_lag_max_us, 0
         # A max, not a count: a lost reset only means a lag is reported twice, never missed.
         batch["loop_lag_max_us"], self.thread.lag_max_us = self.thread.lag_max_us, 0
@@ -273,27 +279,6 @@ class WorkerEngine:
         for _ in range(len(problems)):
             out.events.append(problems.popleft())
         return batch
-
-    def end_conversation(self, customer: str, round_name: str) -> None:
-        """The round's script is over: the customer closes that conversation (once its
-        answers are in) and keeps its connection for the next round."""
-        # Through the same queue as the sends, so it cannot overtake the last message.
-        self._seq.pop(f"{self.worker}{round_name}", None)
-        self._control(customer, f"{self.worker}{round_name}", END)
-
-    def drop_connection(self, customer: str) -> None:
-        """The customer's network drops (mobile): the session must reconnect and resume."""
-        self._control(customer, "", DROP)
-
-    def leave(self, customer: str) -> None:
-        """The customer goes away (the shape took its user): the connection closes."""
-        self._control(customer, "", LEAVE)
-
-    def _control(self, customer: str, conversation: str, what: str) -> None:
-        self._handoff.append((f"{self.worker}{customer}", conversation, "", what))
-        if not self._wake_pending:
-            self._wake_pending = True
-            self.thread.call(self._drain_handoff)
 
     def stop(self) -> None:
         if self.thread.loop is not None:
@@ -408,21 +393,21 @@ class WorkerEngine:
         return on_event
 
     def _drain_handoff(self) -> None:
-        # Clear the flag before draining: a send appended after this point schedules
-        # another drain, so nothing is left behind.
+        # Clear the flag before draining: a hand-over after this point schedules another
+        # drain, so nothing is left behind.
         self._wake_pending = False
         handoff = self._handoff
         for _ in range(len(handoff)):
-            self._send_in_loop(*handoff.popleft())
-
-    def _send_in_loop(self, name: str, conversation: str, client_id: str, text: str) -> None:
-        customer = self.customers.get(name)
-        if customer is None:
-            if not client_id:
-                return  # a control item for a customer that is already gone
-            customer = self.customers[name] = _Customer(name)
-            self._spawn(self._run_customer(customer))
-        customer.outbox.put_nowait((conversation, client_id, text))
+            name, item = handoff.popleft()
+            customer = self.customers.get(name)
+            if customer is None:
+                if item is None:
+                    continue  # leaving, but already gone
+                customer = self.customers[name] = _Customer(name)
+                self._spawn(self._run_customer(customer))
+            if item is None:
+                customer.leaving = True  # stops a round in progress at its next message
+            customer.rounds.put_nowait(item)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -430,41 +415,17 @@ class WorkerEngine:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_customer(self, customer: _Customer) -> None:
-        """Connect once, then per round: open the conversation, send what the user hands
-        over, close it once its answers are in; leave when the user goes."""
+        """Connect once, play the rounds handed over, leave when the user goes."""
         assert self.adapter is not None
         session: CustomerSession | None = None
         try:
             session = await self.adapter.connect_customer(
                 f"swarm-{self.codec.run}-{customer.name}", self._customer_receiver(customer),
                 self._event(customer.name))
-            channels = self.config.channels
-            open_rounds = customer.conversations
-            while True:
-                name, client_id, text = await customer.outbox.get()
-                if not client_id:
-                    if text == LEAVE:
-                        break
-                    if text == DROP:
-                        if session.drop_connection():
-                            self.out.events.append(f"{customer.name} dropped its connection")
-                    elif (ending := open_rounds.get(name)) is not None:
-                        self._spawn(self._close_when_answered(session, customer, name, ending))
-                    continue
-                conversation = open_rounds.get(name)
-                if conversation is None:
-                    channel = channels[zlib.crc32(name.encode()) % len(channels)]
-                    opened = await session.open_conversation(name, channel)
-                    conversation = open_rounds[name] = _Conversation(opened.id)
-                # The ack arrives later; not waiting for it keeps the open-model pace.
-                seq = int(client_id.rsplit("-", 1)[1])
-                step = self.script.step_for_seq(seq) if self.script is not None else None
-                if step is not None and step.expects_reply:
-                    conversation.awaiting_replies.add(seq)
-                    conversation.replies_done.clear()
-                ack = await session.send(conversation.id, client_id, text)
-                ack.add_done_callback(self._ack_checker(customer.name))
-            for name, conversation in list(open_rounds.items()):
+            customer.unblocked_us = now_us()
+            while (item := await customer.rounds.get()) is not None:
+                await self._play(session, customer, *item)
+            for name, conversation in list(customer.conversations.items()):
                 await self._close_when_answered(session, customer, name, conversation)
         except TargetError as exc:
             # Unsent messages stay unmatched: the ledger calls them lost at their deadline.
@@ -474,6 +435,46 @@ class WorkerEngine:
             if session is not None:
                 with contextlib.suppress(Exception):
                     await session.close()
+
+    async def _play(self, session: CustomerSession, customer: _Customer, round_name: str,
+                    plan: list[Planned], drop_after: int) -> None:
+        """One round: each message stamped and sent at its planned time, in order."""
+        out, codec, script = self.out, self.codec, self.script
+        name = f"{self.worker}{round_name}"
+        conversation: _Conversation | None = None
+        for number, (intended_us, kind, body) in enumerate(plan):
+            delay_us = intended_us - now_us()
+            if delay_us > 0:
+                await asyncio.sleep(delay_us / 1e6)
+            if customer.leaving:
+                break  # the user was stopped: the rest of its script never happens
+            sent = now_us()
+            # Latency still counts from the plan; lateness is the generator's own share.
+            lag = sent - max(intended_us, customer.unblocked_us)
+            if lag > LATE_SEND_US:
+                out.late_sends += 1
+            if lag > out.send_lag_max_us:
+                out.send_lag_max_us = lag
+            seq = number + 1
+            out.sends.append([name, name, seq, intended_us, sent, kind])
+            text = codec.stamp_text(body, name, name, seq, intended_us)
+            if conversation is None:
+                channels = self.config.channels
+                channel = channels[zlib.crc32(name.encode()) % len(channels)]
+                opened = await session.open_conversation(name, channel)
+                conversation = customer.conversations[name] = _Conversation(opened.id)
+                customer.unblocked_us = now_us()
+            step = script.step_for_seq(seq) if script is not None else None
+            if step is not None and step.expects_reply:
+                conversation.awaiting_replies.add(seq)
+                conversation.replies_done.clear()
+            # The ack arrives later; not waiting for it keeps the open-model pace.
+            ack = await session.send(conversation.id, f"{codec.run}-{name}-{seq}", text)
+            ack.add_done_callback(self._ack_checker(customer.name))
+            if number == drop_after and session.drop_connection():
+                out.events.append(f"{customer.name} dropped its connection")
+        if conversation is not None:
+            self._spawn(self._close_when_answered(session, customer, name, conversation))
 
     async def _close_when_answered(self, session: CustomerSession, customer: _Customer,
                                    name: str, conversation: _Conversation) -> None:
@@ -506,7 +507,8 @@ class WorkerEngine:
     def _stop_in_loop(self) -> None:
         async def close_all() -> None:
             for customer in list(self.customers.values()):
-                customer.outbox.put_nowait(("", "", LEAVE))
+                customer.leaving = True
+                customer.rounds.put_nowait(None)
             for agent in self.agents:
                 with contextlib.suppress(Exception):
                     await agent.close()

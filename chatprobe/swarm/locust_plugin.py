@@ -352,7 +352,8 @@ def _write_summary(environment: Environment) -> None:
 
 
 class ChatCustomer(User):
-    """A fake customer: one conversation, the script's messages at planned (open-model) times.
+    """A fake customer: one connection for its life, a conversation per round of the
+    script, each message on a planned (open-model) time that the chat loop keeps.
 
     Latency counts from each planned time, so a generator that falls behind cannot hide it:
     late sends are counted and can mark the run invalid.
@@ -388,18 +389,17 @@ class ChatCustomer(User):
         customer = self.customer
         # A new conversation each round, as a returning customer would start.
         self.round += 1
-        name = f"{customer}-{self.round}"
         drop_after = self.rng.randrange(len(script.steps)) if self.rng.random() < share else -1
+        plan = []
         intended = now_us()
-        for number, step in enumerate(script.steps):
+        for step in script.steps:
             intended += int(step.think_s * scale * 1_000_000)
-            wait_s = (intended - now_us()) / 1e6
-            if wait_s > 0:
-                gevent.sleep(wait_s)
-            engine.send(customer, name, step.kind, script.body(step, self.rng), intended)
-            if number == drop_after:
-                engine.drop_connection(customer)
-        engine.end_conversation(customer, name)
+            plan.append((intended, step.kind, script.body(step, self.rng)))
+        # The chat loop paces the round; this greenlet only waits for it to be over.
+        engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after)
+        wait_s = (intended - now_us()) / 1e6
+        if wait_s > 0:
+            gevent.sleep(wait_s)
 
 
 class PromotionShape(LoadTestShape):
