@@ -200,6 +200,16 @@ class Ledger:
         record.server_id = server_id
         record.ack_us = ack_us
 
+    def record_ack_of(self, conversation: str, seq: int, server_id: str, ack_us: int) -> bool:
+        """:meth:`record_ack` for a send recorded earlier (by another process); False when
+        the send is unknown or already forgotten."""
+        key = (conversation, seq)
+        record = self._pending.get(key) or self._closed.get(key)
+        if record is None:
+            return False
+        self.record_ack(record, server_id, ack_us)
+        return True
+
     # -- receiving ---------------------------------------------------------------------
 
     def record_received(self, text: str, receiver: str, received_us: int) -> Receipt:

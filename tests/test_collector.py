@@ -148,3 +148,15 @@ def test_long_runs_forget_closed_records_but_keep_counts() -> None:
     assert c.ledger.counts == before
     assert not c.ledger._closed
     assert isinstance(c.ledger.latency, LatencyHistogram) and c.ledger.latency.count == 1
+
+
+def test_a_lost_message_keeps_its_ack_as_evidence() -> None:
+    c = collector()
+    c.ingest(batch(sends=[["c", "c", 1, SECOND, SECOND, "greeting"],
+                          ["c", "c", 2, SECOND, SECOND, "question"]],
+                   acks=[["c", 1, SECOND + 2_000, "m-41"], ["unknown", 9, SECOND, "m-0"]]))
+    doc = summary_of(c)
+    by_seq = {e["seq"]: e for e in doc["examples"]}
+    assert by_seq[1]["server_id"] == "m-41" and by_seq[1]["acked_after_ms"] == 2.0
+    assert by_seq[2]["server_id"] is None  # never accepted: the target has no trace of it
+    assert doc["lost"] == 2 and doc["sent"] == 2

@@ -58,6 +58,11 @@ def test_two_worker_swarm_with_faults_equals_service_counters(
     lost_examples = [e for e in doc["examples"] if e["outcome"] == "lost"]
     assert len(lost_examples) == min(doc["lost"], 20)
     assert all(e["kind"] and e["planned_at_s"] >= 0 for e in lost_examples)
+    # The service accepted each one (its id is there to trace it) and dropped it on the push.
+    assert all(e["server_id"] and e["acked_after_ms"] >= 0 for e in lost_examples)
+    for example in lost_examples[:3]:
+        trace = reference_service.ok("GET", f"/admin/messages/{example['server_id']}")
+        assert "drop" in json.dumps(trace), trace
     # Both workers sent; only worker 0 ran the probe agents, so half the messages were
     # matched across processes.
     assert set(doc["generator"]) == {"w0", "w1"}
@@ -71,6 +76,7 @@ def test_merged_percentiles_equal_those_of_all_raw_samples(
                 extra_locust_args=("--cp-raw-latencies", str(raw_path)))
     samples = sorted(int(line) for line in raw_path.read_text().split())
     assert len(samples) == doc["delivered"] + doc["late"] == doc["latency_ms"]["count"]
+    assert samples[0] >= 0  # nothing is sent before its planned time
     precision = HdrHistogram(1, 3_600_000_000, 3)
     for name, percentile in (("p50", 50.0), ("p99", 99.0)):
         # The exact percentile of the raw samples, ranked as HdrHistogram ranks (rank =

@@ -52,7 +52,8 @@ class WorkerHealth:
 
 def empty_batch(worker: str, host: str) -> dict[str, Any]:
     """The batch a worker sends every flush (lists, so msgpack carries it cheaply)."""
-    return {"worker": worker, "host": host, "sends": [], "receipts": [], "forged": 0,
+    return {"worker": worker, "host": host, "sends": [], "acks": [], "receipts": [],
+            "forged": 0,
             "foreign": 0, "late_sends": 0, "send_lag_max_us": 0, "cpu": None,
             "loop_lag_max_us": 0}
 
@@ -162,6 +163,8 @@ class Collector:
             intended_us -= offset
             ledger.record_send(sender, conversation, seq, intended_us, sent_us - offset, kind)
             self._bin(intended_us).sent += 1
+        for conversation, seq, ack_us, server_id in batch.get("acks", ()):
+            ledger.record_ack_of(conversation, seq, server_id, ack_us - offset)
         for conversation, seq, receiver, received_us in batch["receipts"]:
             ledger.record_receipt(conversation, seq, receiver, received_us - offset)
         ledger.counts.forged += batch["forged"]
@@ -244,6 +247,10 @@ class Collector:
                 "conversation": record.conversation, "seq": record.seq,
                 "sender": record.sender,
                 "planned_at_s": round((record.intended_us - self.start_us) / 1e6, 3),
+                # Hops: accepted by the target (its id, to trace it there), then received.
+                "server_id": record.server_id,
+                "acked_after_ms": None if record.ack_us is None
+                else (record.ack_us - record.intended_us) / 1000,
                 "latency_ms": None if record.latency_us is None else record.latency_us / 1000,
                 "receiver": record.receiver}
 

@@ -25,6 +25,7 @@ from typing import Any
 from chatprobe.config import TargetConfig
 from chatprobe.errors import TargetError
 from chatprobe.protocols.base import (
+    Ack,
     Adapter,
     AgentSession,
     CustomerSession,
@@ -179,6 +180,7 @@ class EngineOutput:
     """What the loop thread and the users produced since the last flush."""
 
     sends: deque[list[Any]] = field(default_factory=deque)
+    acks: deque[list[Any]] = field(default_factory=deque)
     receipts: deque[list[Any]] = field(default_factory=deque)
     events: deque[str] = field(default_factory=deque)
     forged: int = 0  # cumulative counters, written by the loop thread only
@@ -261,7 +263,11 @@ class WorkerEngine:
         out = self.out
         batch = empty_batch(self.worker, self.host)
         batch["clock"] = self.clock_domain
-        sends, receipts = out.sends, out.receipts
+        sends, receipts, acks = out.sends, out.receipts, out.acks
+        # Acks first: every ack taken now belongs to a send made before it, so that send is
+        # in this batch or an earlier one (the collector records sends before acks).
+        for _ in range(len(acks)):
+            batch["acks"].append(acks.popleft())
         for _ in range(len(sends)):
             batch["sends"].append(sends.popleft())
         for _ in range(len(receipts)):
@@ -359,7 +365,7 @@ class WorkerEngine:
                 self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted lost")
                 return
             # A refusal (e.g. the customer already closed the conversation) is reported.
-            future.add_done_callback(self._ack_checker(agent_id))
+            future.add_done_callback(self._ack_recorder(agent_id, reply_conversation, seq))
 
         self._spawn(send_reply())
 
@@ -443,8 +449,9 @@ class WorkerEngine:
         name = f"{self.worker}{round_name}"
         conversation: _Conversation | None = None
         for number, (intended_us, kind, body) in enumerate(plan):
-            delay_us = intended_us - now_us()
-            if delay_us > 0:
+            # uvloop keeps timers in whole milliseconds and may wake early: a message sent
+            # before its planned time could even arrive "before" it. Sleep until it is due.
+            while (delay_us := intended_us - now_us()) > 0:
                 await asyncio.sleep(delay_us / 1e6)
             if customer.leaving:
                 break  # the user was stopped: the rest of its script never happens
@@ -470,7 +477,7 @@ class WorkerEngine:
                 conversation.replies_done.clear()
             # The ack arrives later; not waiting for it keeps the open-model pace.
             ack = await session.send(conversation.id, f"{codec.run}-{name}-{seq}", text)
-            ack.add_done_callback(self._ack_checker(customer.name))
+            ack.add_done_callback(self._ack_recorder(customer.name, name, seq))
             if number == drop_after and session.drop_connection():
                 out.events.append(f"{customer.name} dropped its connection")
         if conversation is not None:
@@ -493,16 +500,22 @@ class WorkerEngine:
         while len(finished) > RECENT_CONVERSATIONS:
             del finished[next(iter(finished))]
 
-    def _ack_checker(self, who: str) -> Callable[[asyncio.Future[Any]], None]:
-        """Reads each ack's outcome so a refusal is reported (the message itself is counted
-        lost by the ledger at its deadline), never left in an unread future."""
-        def check(future: asyncio.Future[Any]) -> None:
+    def _ack_recorder(self, who: str, conversation: str,
+                      seq: int) -> Callable[[asyncio.Future[Ack]], None]:
+        """Reads each ack: its time and the target's message id are the first hop of the
+        message's evidence; a refusal is reported (the ledger calls the message lost at its
+        deadline), never left in an unread future."""
+        acks = self.out.acks
+
+        def record(future: asyncio.Future[Ack]) -> None:
             if future.cancelled():
                 return
             exception = future.exception()
             if exception is not None:
                 self.out.events.append(f"{who}: message refused: {exception}")
-        return check
+            else:
+                acks.append([conversation, seq, now_us(), future.result().server_id])
+        return record
 
     def _stop_in_loop(self) -> None:
         async def close_all() -> None:
