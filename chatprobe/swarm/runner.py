@@ -40,6 +40,9 @@ class SwarmOptions:
     csv_prefix: str | None = None
     extra_locust_args: tuple[str, ...] = ()
     command_prefix: tuple[str, ...] = ()  # e.g. ("taskset", "-c", "0") to pin the generator
+    # A master process of its own even for one worker (the ledger and Locust's statistics
+    # off the worker), as on several hosts; more workers always have one.
+    separate_master: bool = False
 
     @classmethod
     def from_args(cls, target: str, args: argparse.Namespace) -> SwarmOptions:
@@ -55,7 +58,7 @@ class SwarmOptions:
                    "--cp-shape", self.shape, "--cp-script", self.script,
                    "--cp-think-scale", str(self.think_scale), "--cp-json", str(json_path),
                    "--cp-quiet"]
-        if self.workers > 1:
+        if self.workers > 1 or self.separate_master:
             # Master and workers talk over loopback on a free port: never on every interface,
             # and never on Locust's fixed default port that a second swarm would also want.
             port = _free_port()
