@@ -1,0 +1,1 @@
+"""Network emulation: a fault-injecting TCP proxy (userspace) and, later, kernel layers."""
