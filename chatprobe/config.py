@@ -38,6 +38,10 @@ class TargetConfig:
     deadline_ms: float = 10000.0
     connect_timeout_s: float = 5.0
     reconnect_window_s: float = 30.0
+    # WebSocket pings: a connection whose pong does not come back within the timeout is
+    # dead (a firewall forgot the flow) and is cut, so the client reconnects and resumes.
+    heartbeat_interval_s: float = 10.0
+    heartbeat_timeout_s: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,7 +59,8 @@ def parse_target(document: Any, source: str) -> TargetConfig:
     if not isinstance(document, dict):
         raise HarnessError(f"{source}: a target config must be a mapping")
     known = {"protocol", "shop", "agents", "admin_token", "client_version", "channels",
-             "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s", "extra"}
+             "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s",
+             "heartbeat_interval_s", "heartbeat_timeout_s", "extra"}
     unknown = sorted(str(key) for key in document if key not in known)
     if unknown:
         raise HarnessError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -101,6 +106,10 @@ def parse_target(document: Any, source: str) -> TargetConfig:
                                   "connect_timeout_s", 0.1, 300),
         reconnect_window_s=_number(document.get("reconnect_window_s", 30), f"{source}: "
                                    "reconnect_window_s", 0, 3600),
+        heartbeat_interval_s=_number(document.get("heartbeat_interval_s", 10),
+                                     f"{source}: heartbeat_interval_s", 0.05, 3600),
+        heartbeat_timeout_s=_number(document.get("heartbeat_timeout_s", 10),
+                                    f"{source}: heartbeat_timeout_s", 0.05, 3600),
         extra=extra,
     )
 

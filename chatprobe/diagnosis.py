@@ -33,6 +33,7 @@ class Cause(StrEnum):
     ACCOUNT_FROZEN = "auth.account_frozen"  # 11
     TRANSPORT = "transport.unreachable"  # 12-15: could not connect at all
     DISCONNECTED = "transport.disconnected"  # 12-14: connection died mid-run
+    UPGRADE_REFUSED = "transport.upgrade_refused"  # 13: plain HTTP instead of the upgrade
     PROTOCOL = "protocol.invalid_frames"  # the target spoke something we cannot read
     NOT_ACCEPTED = "platform.not_accepted"  # no ack: the platform never took the message
     SLOW = "sla.slow"  # delivered, but after the SLA, with no more specific cause
@@ -59,6 +60,9 @@ DESCRIPTIONS: dict[Cause, str] = {
     Cause.ACCOUNT_FROZEN: "agent account frozen or banned",
     Cause.TRANSPORT: "target unreachable (connection refused, DNS, TLS or timeout)",
     Cause.DISCONNECTED: "connection to the target died during the run",
+    Cause.UPGRADE_REFUSED: "the WebSocket upgrade was answered with plain HTTP: a proxy or "
+                           "firewall on the way stripped or refused it (or the URL is not a "
+                           "chat endpoint)",
     Cause.PROTOCOL: "target sent frames that do not follow the protocol",
     Cause.NOT_ACCEPTED: "the platform never acknowledged the message",
     Cause.SLOW: "delivered after the SLA; no more specific cause visible",

@@ -33,12 +33,14 @@ async def open_websocket(url: str, config: TargetConfig,
                          subprotocols: list[str] | None = None) -> WebSocket:
     """Connect, turning every failure into a HarnessError (our fault) or TargetError."""
     try:
-        return await connect(url, config.connect_timeout_s, subprotocols)
+        return await connect(url, config.connect_timeout_s, subprotocols,
+                             ping_interval_s=config.heartbeat_interval_s,
+                             ping_timeout_s=config.heartbeat_timeout_s)
     except InvalidURI as exc:
         raise HarnessError(f"malformed target URL: {exc}") from None
     except InvalidStatus as exc:
-        raise TargetError(Cause.TRANSPORT, f"WebSocket upgrade refused: HTTP "
-                                           f"{exc.response.status_code}") from None
+        raise TargetError(Cause.UPGRADE_REFUSED, f"WebSocket upgrade refused: HTTP "
+                                                 f"{exc.response.status_code}") from None
     except InvalidHandshake as exc:
         raise TargetError(Cause.PROTOCOL, f"WebSocket handshake failed: {exc}") from None
     except (OSError, TimeoutError) as exc:
