@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--target", required=True, metavar="URL")
     _swarm_arguments(swarm)
 
+    profiles = sub.add_parser("profiles", help="list network profiles, or show one")
+    profiles.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    profiles.add_argument("name", nargs="?", help="profile name or YAML file (for show)")
+
     demo = sub.add_parser("demo", help="start the reference service and run a short swarm")
     _swarm_arguments(demo)
     demo.set_defaults(duration=30.0, think_scale=0.2)
@@ -146,6 +150,11 @@ def _probe_arguments(parser: argparse.ArgumentParser, target_required: bool) -> 
     parser.add_argument("--deadline-ms", type=_positive_float,
                         help="lost after this (default 10000)")
     parser.add_argument("--run-id", help="stamp run id (default: random)")
+    parser.add_argument("--profile", action="append", default=[], metavar="NAME",
+                        help="the customers' network profile (fixtures/profiles/ or a YAML "
+                        "file); repeat or comma-separate to compare several in one run")
+    parser.add_argument("--agent-profile", metavar="NAME",
+                        help="the agents' network profile (default: clean)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
     parser.add_argument("--alluredir", type=Path, metavar="DIR", help="write Allure results")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -204,11 +213,77 @@ def cmd_probe(args: argparse.Namespace) -> int:
                            rate_per_s=args.rate, run_id=args.run_id,
                            progress=None if args.quiet else print_progress)
     started = time.time()
+    if args.profile or args.agent_profile:
+        return _probe_with_profiles(args, target, config, options, started)
     try:
         summary = asyncio.run(run_probe(target, config, options))
     except StampError as exc:
         raise HarnessError(str(exc)) from None
     return _report(args, summary, started)
+
+
+def _probe_with_profiles(args: argparse.Namespace, target: str, config: TargetConfig,
+                         options: Any, started: float) -> int:
+    from chatprobe.netem.session import (
+        combine,
+        probe_profiles,
+        render_emulation,
+        render_side_by_side,
+    )
+    from chatprobe.profiles import load_profile, load_profiles
+
+    profiles = load_profiles(args.profile or ["clean"])
+    agent_profile = load_profile(args.agent_profile) if args.agent_profile else None
+    documents = asyncio.run(probe_profiles(target, config, options, profiles, agent_profile))
+    if len(documents) == 1:
+        code = _report_doc(args, documents[0], started)
+        print(render_emulation(documents[0]), flush=True)
+        return code
+    for doc in documents:
+        print(f"--- profile {doc['profile']}", flush=True)
+        print(render_table(doc), flush=True)
+    print("", flush=True)
+    print(render_side_by_side(documents), flush=True)
+    combined = combine(documents)
+    try:
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(combined, indent=2), encoding="utf-8")
+        if args.alluredir is not None:
+            from chatprobe.allure_results import write_probe_result
+
+            for doc in documents:
+                write_probe_result(args.alluredir, doc, render_table(doc), started)
+    except OSError as exc:
+        print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    return max(int(Status[str(doc["status"])]) for doc in documents)
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from chatprobe.netem.plan import run_plan
+    from chatprobe.profiles import available_profiles, describe, load_profile
+
+    if args.action == "list":
+        if args.name:
+            raise HarnessError("'profiles list' takes no name; use 'profiles show NAME'")
+        for name in available_profiles():
+            profile = load_profile(name)
+            print(f"{name:<18}{profile.description.splitlines()[0] if profile.description else ''}")
+        return 0
+    if not args.name:
+        raise HarnessError("'profiles show' needs a profile name")
+    profile = load_profile(args.name)
+    for line in describe(profile):
+        print(line)
+    print("on this machine:")
+    plan = run_plan(profile, "ws://")
+    for item in plan:
+        state = "emulated" if item.emulated else "NOT emulated"
+        print(f"  {item.parameter} = {item.value}: {state} ({item.layer}; {item.why})")
+    if not plan:
+        print("  nothing to emulate")
+    return 0
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
@@ -275,7 +350,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"serve": cmd_serve, "probe": cmd_probe, "swarm": cmd_swarm, "demo": cmd_demo}
+    handlers = {"serve": cmd_serve, "probe": cmd_probe, "swarm": cmd_swarm, "demo": cmd_demo,
+                "profiles": cmd_profiles}
     try:
         return handlers[args.command](args)
     except HarnessError as exc:

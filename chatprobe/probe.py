@@ -85,8 +85,11 @@ class _RunState:
 
 
 async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions,
-                    hooks: ProbeHooks | None = None) -> RunSummary:
-    """Run one probe and return its summary. Raises HarnessError only for harness faults."""
+                    hooks: ProbeHooks | None = None,
+                    agent_url: str | None = None) -> RunSummary:
+    """Run one probe and return its summary. Raises HarnessError only for harness faults.
+    ``agent_url``: where the agents connect when it differs from the customers' (each side
+    behind its own network profile); the diagnosis asks the target there too."""
     hooks = hooks or ProbeHooks()
     codec = StampCodec.new_run(options.run_id)
     ledger = Ledger(codec, int(config.sla_ms * 1000), int(config.deadline_ms * 1000))
@@ -95,11 +98,13 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
                          config.deadline_ms, events=state.events)
     started = time.monotonic()
     adapter = adapter_for(config.protocol)(target_url, config)
+    agent_adapter = adapter if agent_url in (None, target_url) else adapter_for(
+        config.protocol)(agent_url or target_url, config)
     agents: dict[str, AgentSession] = {}
     customers: list[CustomerSession] = []
     try:
         try:
-            await _login_agents(adapter, config, state, agents)
+            await _login_agents(agent_adapter, config, state, agents)
             conversations = await _open_customers(adapter, config, options, state, customers)
         except TargetError as exc:
             summary.fatal = exc.diagnosis
@@ -112,13 +117,16 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
         await _send_all(options, customers, conversations, state, hooks)
         await _wait_for_outcomes(state, agents, options)
         ledger.finish()
-        await _explain(adapter, config, options, state, agents, conversations, summary)
+        await _explain(agent_adapter, config, options, state, agents, conversations,
+                       summary)
     finally:
         for agent_session in agents.values():
             await agent_session.close()
         for customer_session in customers:
             await customer_session.close()
         await adapter.close()
+        if agent_adapter is not adapter:
+            await agent_adapter.close()
         summary.duration_s = time.monotonic() - started
     return summary
 

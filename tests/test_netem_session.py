@@ -1,0 +1,138 @@
+"""Probes behind network profiles against the real reference service: the fault proxy on the
+customers' path, numbers checked against the profile and the service's own counters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from chatprobe.netem.session import behind
+from chatprobe.probe import ProbeHooks, ProbeOptions, run_probe
+from chatprobe.profiles import Direction, Profile
+from tests.conftest import ServiceProcess, scaled
+from tests.test_cli import assert_one_line_error, chatprobe
+
+
+def write_profile(folder: Path, name: str, body: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(f"name: {name}\n{body}")
+    return path
+
+
+def test_uplink_latency_of_150_ms_adds_150_ms_to_the_clean_p50(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    uplink = write_profile(tmp_path, "uplink-150", "up: {latency_ms: 150}\n")
+    result = chatprobe("probe", "--target", reference_service.base_url, "--admin-token",
+                       reference_service.admin_token, "--messages", "300", "--rate", "300",
+                       "--profile", f"clean,{uplink}", "--json", str(tmp_path / "out.json"),
+                       "--quiet", timeout=180)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    clean, slow = doc["profiles"]
+    assert (clean["profile"], slow["profile"]) == ("clean", "uplink-150")
+    for run in (clean, slow):
+        assert run["sent"] == run["delivered"] == 300 and run["lost"] == 0
+    expected = clean["latency_ms"]["p50"] + 150
+    assert abs(slow["latency_ms"]["p50"] - expected) <= 0.05 * expected, (
+        clean["latency_ms"], slow["latency_ms"])
+    assert slow["proxy"]["customers"]["faulted"] == slow["proxy"]["customers"]["connections"]
+    # Side by side in one table, one column per profile.
+    table = result.stdout[result.stdout.index("profile    "):]
+    assert "clean" in table.splitlines()[0] and "uplink-150" in table.splitlines()[0]
+    assert any(line.startswith("p50 ms") for line in table.splitlines())
+
+
+def test_a_firewall_that_forgets_an_idle_flow_is_detected_by_the_heartbeat(
+        reference_service: ServiceProcess) -> None:
+    # The flow is forgotten silently after 0.5 s idle; pings every second with a 0.5 s pong
+    # timeout find it dead; the customer reconnects, resumes, and resends what was unacked.
+    profile = Profile(name="idle-firewall", idle_timeout_s=0.5, idle_timeout_action="silent")
+    config = reference_service.target_config(heartbeat_interval_s=1.0, heartbeat_timeout_s=0.5,
+                                             deadline_ms=scaled(10_000))
+
+    async def main() -> None:
+        async with behind(reference_service.base_url, profile) as (url, proxy):
+            assert proxy is not None
+
+            async def go_quiet(sent: int) -> None:
+                if sent == 100:  # the customers fall silent until the firewall forgets them
+                    async with asyncio.timeout(scaled(10)):
+                        while not proxy.stats.kills:
+                            await asyncio.sleep(0.05)
+
+            summary = await run_probe(url, config, ProbeOptions(messages=200, customers=4,
+                                                                rate_per_s=400),
+                                      ProbeHooks(after_send=go_quiet),
+                                      agent_url=reference_service.base_url)
+            doc = summary.to_json()
+            # Only the customers' flows pass the firewall (the agents connect directly).
+            assert list(proxy.stats.kills) == ["idle 0.5 s"]
+            assert proxy.stats.kills["idle 0.5 s"] >= 4  # each customer, maybe again later
+        stats = reference_service.stats()
+        assert doc["sent"] == 200 == stats["accepted"]
+        assert doc["lost"] == 0 and doc["delivered"] + doc["late"] == 200
+        assert doc["duplicate"] == 0
+        assert doc["events"]["customer resumed"] >= 4, doc["events"]
+        assert "agent disconnected" not in doc["events"]
+
+    asyncio.run(main())
+
+
+def test_a_proxy_that_refuses_the_upgrade_is_named(reference_service: ServiceProcess,
+                                                   tmp_path: Path) -> None:
+    refusing = write_profile(tmp_path, "refusing-proxy", "middlebox: {upgrade: refuse}\n")
+    result = chatprobe("probe", "--target", reference_service.base_url, "--messages", "20",
+                       "--profile", str(refusing), "--json", str(tmp_path / "out.json"),
+                       "--quiet")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["diagnoses"][0]["cause"] == "transport.upgrade_refused"
+    assert "HTTP 403" in doc["diagnoses"][0]["explanation"]
+    assert doc["proxy"]["customers"]["upgrades_refused"] >= 1
+    assert "network profile refusing-proxy" in result.stdout
+
+
+def test_agents_behind_their_own_profile_add_their_latency(reference_service: ServiceProcess,
+                                                           tmp_path: Path) -> None:
+    slow_agents = write_profile(tmp_path, "agents-far", "down: {latency_ms: 120}\n")
+    result = chatprobe("probe", "--target", reference_service.base_url, "--messages", "100",
+                       "--agent-profile", str(slow_agents), "--json",
+                       str(tmp_path / "out.json"), "--quiet")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["profile"] == "clean" and doc["agent_profile"] == "agents-far"
+    assert doc["latency_ms"]["p50"] >= 120
+    assert doc["proxy"]["agents"]["connections"] >= 1 and "customers" not in doc["proxy"]
+
+
+def test_parameters_the_run_cannot_emulate_are_listed_not_ignored(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    lossy = write_profile(tmp_path, "lossy", "up: {latency_ms: 5, loss_percent: 3}\n")
+    result = chatprobe("probe", "--target", reference_service.base_url, "--messages", "50",
+                       "--profile", str(lossy), "--json", str(tmp_path / "out.json"),
+                       "--quiet")
+    doc = json.loads((tmp_path / "out.json").read_text())
+    skipped = [e for e in doc["emulation"] if not e["emulated"]]
+    assert [e["parameter"] for e in skipped] == ["up.loss_percent"]
+    assert "up.loss_percent = 3 %: NOT emulated" in result.stdout
+
+
+def test_profiles_command_lists_and_shows(tmp_path: Path) -> None:
+    listed = chatprobe("profiles")
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    for name in ("clean", "office-firewall", "corporate-proxy", "vpn-overseas", "mobile-3g",
+                 "lossy-wifi", "cross-border", "very-bad"):
+        assert name in names
+    shown = chatprobe("profiles", "show", "mobile-3g")
+    assert shown.returncode == 0
+    assert "latency 150" in shown.stdout and "on this machine:" in shown.stdout
+    assert "loss_percent = 1.5 %: NOT emulated" in shown.stdout
+    assert_one_line_error(chatprobe("profiles", "show", "no-such-profile"), 3,
+                          "no network profile 'no-such-profile'")
+    assert_one_line_error(chatprobe("probe", "--target", "http://127.0.0.1:1", "--profile",
+                                    "clean,clean"), 3, "clean")
+
+
+def test_direction_defaults_make_a_clean_profile() -> None:
+    assert Profile(name="x").is_clean and Direction().is_clean
