@@ -136,3 +136,22 @@ def test_profiles_command_lists_and_shows(tmp_path: Path) -> None:
 
 def test_direction_defaults_make_a_clean_profile() -> None:
     assert Profile(name="x").is_clean and Direction().is_clean
+
+
+def test_one_run_over_four_shipped_profiles_prints_them_side_by_side(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    names = ["clean", "office-firewall", "vpn-overseas", "mobile-3g"]
+    result = chatprobe("probe", "--target", reference_service.base_url, "--admin-token",
+                       reference_service.admin_token, "--messages", "60", "--rate", "100",
+                       "--profile", ",".join(names), "--json", str(tmp_path / "out.json"),
+                       "--quiet", timeout=240)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert [run["profile"] for run in doc["profiles"]] == names
+    header = next(line for line in result.stdout.splitlines() if line.startswith("profile "))
+    assert header.split()[1:] == names
+    p50 = {run["profile"]: run["latency_ms"]["p50"] for run in doc["profiles"]}
+    # Each profile's customer uplink latency (half its added round trip) shows in the p50.
+    assert p50["clean"] < 20 <= p50["office-firewall"] < p50["vpn-overseas"]
+    assert 100 <= p50["vpn-overseas"] < p50["mobile-3g"] and p50["mobile-3g"] >= 150
+    assert all(run["lost"] == 0 for run in doc["profiles"])
