@@ -133,6 +133,15 @@ def _swarm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
     parser.add_argument("--alluredir", type=Path, metavar="DIR", help="write Allure results")
     parser.add_argument("--csv", metavar="PREFIX", help="also write Locust's CSV files")
+    _profile_arguments(parser)
+
+
+def _profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", action="append", default=[], metavar="NAME",
+                        help="the customers' network profile (fixtures/profiles/ or a YAML "
+                        "file); repeat or comma-separate to compare several in one run")
+    parser.add_argument("--agent-profile", metavar="NAME",
+                        help="the agents' network profile (default: clean)")
 
 
 def _probe_arguments(parser: argparse.ArgumentParser, target_required: bool) -> None:
@@ -150,11 +159,7 @@ def _probe_arguments(parser: argparse.ArgumentParser, target_required: bool) -> 
     parser.add_argument("--deadline-ms", type=_positive_float,
                         help="lost after this (default 10000)")
     parser.add_argument("--run-id", help="stamp run id (default: random)")
-    parser.add_argument("--profile", action="append", default=[], metavar="NAME",
-                        help="the customers' network profile (fixtures/profiles/ or a YAML "
-                        "file); repeat or comma-separate to compare several in one run")
-    parser.add_argument("--agent-profile", metavar="NAME",
-                        help="the agents' network profile (default: clean)")
+    _profile_arguments(parser)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
     parser.add_argument("--alluredir", type=Path, metavar="DIR", help="write Allure results")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -194,6 +199,10 @@ def _report_doc(args: argparse.Namespace, doc: dict[str, Any], started_s: float)
     except OSError as exc:
         print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
+    return _exit_code(doc)
+
+
+def _exit_code(doc: dict[str, Any]) -> int:
     run_level = any(row.get("outcome") == "run" for row in doc.get("diagnoses", []))
     if not doc.get("valid", True) and not run_level:
         # The generator was the bottleneck: no verdict on the target. (A refused login or an
@@ -224,17 +233,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def _probe_with_profiles(args: argparse.Namespace, target: str, config: TargetConfig,
                          options: Any, started: float) -> int:
-    from chatprobe.netem.session import (
-        combine,
-        probe_profiles,
-        render_emulation,
-        render_side_by_side,
-    )
+    from chatprobe.netem.session import probe_profiles
     from chatprobe.profiles import load_profile, load_profiles
 
     profiles = load_profiles(args.profile or ["clean"])
     agent_profile = load_profile(args.agent_profile) if args.agent_profile else None
     documents = asyncio.run(probe_profiles(target, config, options, profiles, agent_profile))
+    return _report_profiles(args, documents, started)
+
+
+def _report_profiles(args: argparse.Namespace, documents: list[dict[str, Any]],
+                     started: float) -> int:
+    from chatprobe.netem.session import combine, render_emulation, render_side_by_side
+
     if len(documents) == 1:
         code = _report_doc(args, documents[0], started)
         print(render_emulation(documents[0]), flush=True)
@@ -257,7 +268,7 @@ def _probe_with_profiles(args: argparse.Namespace, target: str, config: TargetCo
     except OSError as exc:
         print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
-    return max(int(Status[str(doc["status"])]) for doc in documents)
+    return max(_exit_code(doc) for doc in documents)
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
@@ -295,8 +306,31 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     adapter_for(config.protocol)(target, config)  # an adapter's own config checks, too
     _check_output_paths(args)
     started = time.time()
+    if args.profile or args.agent_profile:
+        return _swarm_with_profiles(args, target, started)
     doc = run_swarm(SwarmOptions.from_args(target, args))
     return _report_doc(args, doc, started)
+
+
+def _swarm_with_profiles(args: argparse.Namespace, target: str, started: float) -> int:
+    from chatprobe.netem.session import ProxyThread, annotate
+    from chatprobe.profiles import load_profile, load_profiles
+    from chatprobe.swarm.runner import SwarmOptions, run_swarm
+
+    profiles = load_profiles(args.profile or ["clean"])
+    agent_profile = load_profile(args.agent_profile) if args.agent_profile else None
+    documents = []
+    for profile in profiles:
+        customers, agents = ProxyThread(target, profile), ProxyThread(target, agent_profile)
+        with customers as customer_url, agents as agent_url:
+            print(f"chatprobe swarm: profile {profile.name}"
+                  + (f", agents {agent_profile.name}" if agent_profile else ""), flush=True)
+            options = SwarmOptions.from_args(customer_url, args)
+            options.agent_target = agent_url if agent_url != customer_url else None
+            doc = run_swarm(options)
+        documents.append(annotate(doc, target, profile, agent_profile,
+                                  {"customers": customers.proxy, "agents": agents.proxy}))
+    return _report_profiles(args, documents, started)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -304,6 +338,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _target_config(args)
     _check_output_paths(args)
+    if args.profile or args.agent_profile:
+        raise HarnessError("the demo runs on a clean network; for profiles use "
+                           "'chatprobe swarm --target URL --profile NAME'")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="chatprobe-demo-") as folder:
         service = ServiceSubprocess(Path(folder) / "demo.sqlite3")

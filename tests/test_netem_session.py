@@ -151,7 +151,33 @@ def test_one_run_over_four_shipped_profiles_prints_them_side_by_side(
     header = next(line for line in result.stdout.splitlines() if line.startswith("profile "))
     assert header.split()[1:] == names
     p50 = {run["profile"]: run["latency_ms"]["p50"] for run in doc["profiles"]}
-    # Each profile's customer uplink latency (half its added round trip) shows in the p50.
-    assert p50["clean"] < 20 <= p50["office-firewall"] < p50["vpn-overseas"]
-    assert 100 <= p50["vpn-overseas"] < p50["mobile-3g"] and p50["mobile-3g"] >= 150
+    # Each profile's customer uplink latency (half its added round trip) shows in the p50
+    # (lower bounds: a busy machine only adds to them).
+    assert p50["office-firewall"] >= 20 and p50["vpn-overseas"] >= 100
+    assert p50["mobile-3g"] >= 150 and p50["clean"] < p50["mobile-3g"]
     assert all(run["lost"] == 0 for run in doc["profiles"])
+
+
+def test_a_swarm_behind_profiles_measures_each_side_and_reconciles(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    shape = tmp_path / "shape.yaml"
+    shape.write_text("stages:\n  - {duration: 5, users: 10, spawn_rate: 10}\n")
+    uplink = write_profile(tmp_path, "uplink-100", "up: {latency_ms: 100}\n")
+    agents = write_profile(tmp_path, "agents-50", "down: {latency_ms: 50}\n")
+    result = chatprobe("swarm", "--target", reference_service.base_url, "--admin-token",
+                       reference_service.admin_token, "--shape", str(shape), "--think-scale",
+                       "0.1", "--deadline-ms", "3000", "--profile", f"clean,{uplink}",
+                       "--agent-profile", str(agents), "--json", str(tmp_path / "out.json"),
+                       timeout=240)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    doc = json.loads((tmp_path / "out.json").read_text())
+    clean, slow = doc["profiles"]
+    stats = reference_service.stats()
+    assert clean["sent"] + slow["sent"] == stats["accepted"] + stats["replies"]
+    for run in (clean, slow):
+        assert run["lost"] == 0 and run["sent"] == run["delivered"] + run["late"] > 0
+        assert run["agent_profile"] == "agents-50" and run["proxy"]["agents"]["connections"]
+    # Customer messages cross the customer's uplink and the agents' downlink; the clean
+    # run still has the agents' 50 ms.
+    assert clean["latency_ms"]["p50"] >= 50 and slow["latency_ms"]["p50"] >= 150
+    assert "customers" not in clean["proxy"] and slow["proxy"]["customers"]["faulted"] > 0

@@ -3,9 +3,11 @@ profile, and the summaries side by side."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,6 +42,67 @@ async def behind(target_url: str, profile: Profile | None,
         await proxy.close()
 
 
+class ProxyThread:
+    """:func:`behind` for synchronous callers (the swarm runner): the proxy runs on its own
+    event loop in a thread of this process while Locust runs in its own processes."""
+
+    def __init__(self, target_url: str, profile: Profile | None) -> None:
+        self.target_url = target_url
+        self.profile = profile
+        self.url = target_url
+        self.proxy: FaultProxy | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="chatprobe-proxy", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                async with behind(self.target_url, self.profile) as (url, proxy):
+                    self.url, self.proxy = url, proxy
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as exc:  # handed to the caller's thread
+                self._error = exc
+                self._ready.set()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> str:
+        if self.profile is None or self.profile.is_clean:
+            return self.target_url
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join()
+
+
+def annotate(doc: dict[str, Any], target_url: str, profile: Profile,
+             agent_profile: Profile | None, proxies: dict[str, FaultProxy | None]
+             ) -> dict[str, Any]:
+    """A run's document, told which profiles it ran behind and what of them it applied."""
+    doc["target"] = target_url
+    doc["profile"] = profile.name
+    doc["agent_profile"] = agent_profile.name if agent_profile else None
+    plan = run_plan(profile, target_url)
+    if agent_profile is not None:
+        plan += [replace(item, parameter=f"agents: {item.parameter}")
+                 for item in run_plan(agent_profile, target_url)]
+    doc["emulation"] = [asdict(item) for item in plan]
+    doc["proxy"] = {side: asdict(p.stats) for side, p in proxies.items() if p is not None}
+    return doc
+
+
 async def probe_profiles(target_url: str, config: TargetConfig, options: ProbeOptions,
                          profiles: list[Profile],
                          agent_profile: Profile | None) -> list[dict[str, Any]]:
@@ -51,19 +114,8 @@ async def probe_profiles(target_url: str, config: TargetConfig, options: ProbeOp
             if options.progress is not None:
                 options.progress(f"profile {profile.name}: customers via {customer_url}")
             summary = await run_probe(customer_url, config, options, agent_url=agent_url)
-        summary.target = target_url
-        doc = summary.to_json()
-        doc["profile"] = profile.name
-        doc["agent_profile"] = agent_profile.name if agent_profile else None
-        plan = run_plan(profile, target_url)
-        if agent_profile is not None:
-            plan += [item.__class__(f"agents: {item.parameter}", item.value, item.layer,
-                                    item.emulated, item.why)
-                     for item in run_plan(agent_profile, target_url)]
-        doc["emulation"] = [asdict(item) for item in plan]
-        doc["proxy"] = {side: asdict(p.stats) for side, p in
-                        (("customers", proxy), ("agents", agent_proxy)) if p is not None}
-        documents.append(doc)
+        documents.append(annotate(summary.to_json(), target_url, profile, agent_profile,
+                                  {"customers": proxy, "agents": agent_proxy}))
     return documents
 
 

@@ -193,9 +193,13 @@ class WorkerEngine:
     """One per Locust process: customers (this worker's users) and, on one worker, agents."""
 
     def __init__(self, target_url: str, config: TargetConfig, codec: StampCodec,
-                 worker: str, run_agents: bool, script: Script | None = None) -> None:
-        """``script``: the conversation script, so agents know which messages to answer."""
+                 worker: str, run_agents: bool, script: Script | None = None,
+                 agent_url: str | None = None) -> None:
+        """``script``: the conversation script, so agents know which messages to answer.
+        ``agent_url``: where the agents connect when not at ``target_url`` (each side behind
+        its own network profile)."""
         self.target_url = target_url
+        self.agent_url = agent_url or target_url
         self.config = config
         self.codec = codec
         self.worker = worker
@@ -204,6 +208,7 @@ class WorkerEngine:
         self.out = EngineOutput()
         self.thread = LoopThread()
         self.adapter: Adapter | None = None
+        self.agent_adapter: Adapter | None = None
         self.script = script
         self.customers: dict[str, _Customer] = {}
         self.agents: list[AgentSession] = []
@@ -294,7 +299,10 @@ class WorkerEngine:
 
     def _start_in_loop(self) -> None:
         try:
-            self.adapter = adapter_for(self.config.protocol)(self.target_url, self.config)
+            adapter_class = adapter_for(self.config.protocol)
+            self.adapter = adapter_class(self.target_url, self.config)
+            self.agent_adapter = self.adapter if self.agent_url == self.target_url else (
+                adapter_class(self.agent_url, self.config))
         except Exception as exc:  # reported to the master as the run's failure
             self.failure = f"cannot set up the adapter: {exc}"
             return
@@ -302,10 +310,10 @@ class WorkerEngine:
             self._spawn(self._login_agents())
 
     async def _login_agents(self) -> None:
-        assert self.adapter is not None
+        assert self.agent_adapter is not None
         try:
             for credential in self.config.agents:
-                agent = await self.adapter.login_agent(
+                agent = await self.agent_adapter.login_agent(
                     credential, self._receiver(credential.id), self._event(credential.id))
                 self.agents.append(agent)
                 self.agent_by_id[credential.id] = agent
@@ -527,6 +535,8 @@ class WorkerEngine:
                     await agent.close()
             if self.adapter is not None:
                 await self.adapter.close()
+            if self.agent_adapter is not None and self.agent_adapter is not self.adapter:
+                await self.agent_adapter.close()
             # The thread ends with its loop: nothing of it runs while the process exits.
             asyncio.get_running_loop().stop()
 

@@ -80,6 +80,8 @@ def _options(parser: Any) -> None:
     group.add_argument("--cp-json", default="", help="write chatprobe's summary JSON here",
                        include_in_web_ui=False)
     group.add_argument("--cp-admin-token", default="", include_in_web_ui=False)
+    group.add_argument("--cp-agent-target", default="", include_in_web_ui=False,
+                       help="URL the probe agents connect to (default: --host)")
     group.add_argument("--cp-raw-latencies", default="", include_in_web_ui=False,
                        help="write every latency sample (µs, one per line) here")
     group.add_argument("--cp-quiet", action="store_true", include_in_web_ui=False,
@@ -257,7 +259,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     STATE.script = load_script(_opts(environment).cp_script)
     STATE.failure_reported = False
     STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}",
-                                run_agents=worker_index == 0, script=STATE.script)
+                                run_agents=worker_index == 0, script=STATE.script,
+                                agent_url=_opts(environment).cp_agent_target or None)
     STATE.engine.start(gevent.sleep)
     STATE.greenlets.append(gevent.spawn(_flush_forever, environment))
 

@@ -43,6 +43,7 @@ class SwarmOptions:
     # A master process of its own even for one worker (the ledger and Locust's statistics
     # off the worker), as on several hosts; more workers always have one.
     separate_master: bool = False
+    agent_target: str | None = None  # where the probe agents connect, if not at ``target``
 
     @classmethod
     def from_args(cls, target: str, args: argparse.Namespace) -> SwarmOptions:
@@ -67,7 +68,7 @@ class SwarmOptions:
                         "--master-port", str(port)]
         optional = {"--cp-duration": self.duration_s, "--cp-config": self.config,
                     "--cp-admin-token": self.admin_token, "--cp-sla-ms": self.sla_ms,
-                    "--cp-deadline-ms": self.deadline_ms}
+                    "--cp-deadline-ms": self.deadline_ms, "--cp-agent-target": self.agent_target}
         for flag, value in optional.items():
             if value is not None:
                 command += [flag, str(value)]
