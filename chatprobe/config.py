@@ -42,6 +42,9 @@ class TargetConfig:
     # dead (a firewall forgot the flow) and is cut, so the client reconnects and resumes.
     heartbeat_interval_s: float = 10.0
     heartbeat_timeout_s: float = 10.0
+    # When a proxy strips or refuses the WebSocket upgrade, use the protocol's long-polling
+    # transport if it has one (the reference protocol does), as real chat clients do.
+    long_poll_fallback: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,7 +63,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
         raise HarnessError(f"{source}: a target config must be a mapping")
     known = {"protocol", "shop", "agents", "admin_token", "client_version", "channels",
              "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s",
-             "heartbeat_interval_s", "heartbeat_timeout_s", "extra"}
+             "heartbeat_interval_s", "heartbeat_timeout_s", "long_poll_fallback", "extra"}
     unknown = sorted(str(key) for key in document if key not in known)
     if unknown:
         raise HarnessError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -90,6 +93,9 @@ def parse_target(document: Any, source: str) -> TargetConfig:
                        3_600_000)
     if deadline < sla:
         raise HarnessError(f"{source}: deadline_ms must be at least sla_ms")
+    fallback = document.get("long_poll_fallback", True)
+    if not isinstance(fallback, bool):
+        raise HarnessError(f"{source}: 'long_poll_fallback' must be true or false")
     extra = document.get("extra", {})
     if not isinstance(extra, dict):
         raise HarnessError(f"{source}: 'extra' must be a mapping")
@@ -110,6 +116,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
                                      f"{source}: heartbeat_interval_s", 0.05, 3600),
         heartbeat_timeout_s=_number(document.get("heartbeat_timeout_s", 10),
                                     f"{source}: heartbeat_timeout_s", 0.05, 3600),
+        long_poll_fallback=fallback,
         extra=extra,
     )
 

@@ -16,13 +16,15 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
+import aiohttp
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from chatprobe.config import TargetConfig
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError, TargetError
 from chatprobe.protocols.base import Ack, OnEvent
-from chatprobe.protocols.websocket import Message, WebSocket, connect
+from chatprobe.protocols.longpoll import open_long_poll
+from chatprobe.protocols.websocket import Message, MessageSocket, WebSocket, connect
 
 # Causes a retry cannot cure: the link gives up at once instead of hammering the target.
 PERMANENT = frozenset({Cause.AUTH_REJECTED, Cause.SESSION_EXPIRED, Cause.ACCOUNT_FROZEN,
@@ -70,12 +72,17 @@ class SeenIds:
 
 class ReconnectingLink(ABC):
     def __init__(self, url: str, config: TargetConfig, on_event: OnEvent,
-                 subprotocols: list[str] | None = None) -> None:
+                 subprotocols: list[str] | None = None,
+                 fallback_url: str | None = None) -> None:
+        """``fallback_url``: the protocol's long-polling endpoint, used when the WebSocket
+        upgrade is refused and the config allows it (``long_poll_fallback``)."""
         self.url = url
+        self.fallback_url = fallback_url
+        self.transport = "websocket"
         self.config = config
         self.on_event = on_event
         self.subprotocols = subprotocols
-        self.ws: WebSocket | None = None
+        self.ws: MessageSocket | None = None
         self.dead: TargetError | None = None
         self.closing = False
         self.ack_futures: dict[str, asyncio.Future[Ack]] = {}
@@ -88,7 +95,7 @@ class ReconnectingLink(ABC):
     # -- what a protocol provides ------------------------------------------------------
 
     @abstractmethod
-    async def handshake(self, ws: WebSocket, resume: bool) -> None:
+    async def handshake(self, ws: MessageSocket, resume: bool) -> None:
         """Log in on a fresh connection; raise TargetError if refused. On ``resume``, also
         resend whatever was not acknowledged before the connection dropped."""
 
@@ -96,13 +103,20 @@ class ReconnectingLink(ABC):
     def on_raw(self, raw: str | bytes) -> None:
         """Handle one frame from the target; raise TargetError(PROTOCOL) for garbage."""
 
-    async def goodbye(self, ws: WebSocket) -> None:  # noqa: B027 - optional hook
+    async def goodbye(self, ws: MessageSocket) -> None:  # noqa: B027 - optional hook
         """Say goodbye in the protocol before the socket closes (optional)."""
 
     # -- the machinery -----------------------------------------------------------------
 
     async def _open(self, resume: bool) -> None:
-        ws = await open_websocket(self.url, self.config, self.subprotocols)
+        ws: MessageSocket
+        try:
+            ws = await open_websocket(self.url, self.config, self.subprotocols)
+        except TargetError as exc:
+            if not (exc.cause is Cause.UPGRADE_REFUSED and self.fallback_url
+                    and self.config.long_poll_fallback):
+                raise
+            ws = await self._open_long_poll(exc)
         try:
             await self.handshake(ws, resume)
         except (ConnectionClosed, OSError):
@@ -120,15 +134,33 @@ class ReconnectingLink(ABC):
         # same future resumes: a request that saw the close never finds `connected` stale.
         ws.closed.add_done_callback(lambda _: self._lost(ws))
 
-    def _lost(self, ws: WebSocket) -> None:
+    def _lost(self, ws: MessageSocket) -> None:
         if self.ws is ws and self.dead is None:
             self.connected.clear()
+
+    async def _open_long_poll(self, refusal: TargetError) -> MessageSocket:
+        assert self.fallback_url is not None
+        try:
+            socket = await open_long_poll(self.fallback_url, self.config.connect_timeout_s)
+        except aiohttp.ClientResponseError as exc:
+            raise TargetError(Cause.UPGRADE_REFUSED, f"{refusal.detail}; long-polling "
+                                                     f"fallback refused too: HTTP "
+                                                     f"{exc.status}") from None
+        except (aiohttp.ClientError, OSError, TimeoutError, KeyError, TypeError,
+                ValueError) as exc:
+            raise TargetError(Cause.TRANSPORT, f"{refusal.detail}; long-polling fallback "
+                                               f"failed: {type(exc).__name__}: {exc}") \
+                from None
+        if self.transport != "long-poll":
+            self.transport = "long-poll"
+            self.on_event("fallback", f"{refusal.detail}; long-polling instead")
+        return socket
 
     async def start(self) -> None:
         await self._open(resume=False)
         self.reader = asyncio.get_running_loop().create_task(self._read_forever())
 
-    async def recv_login(self, ws: WebSocket) -> str | bytes:
+    async def recv_login(self, ws: MessageSocket) -> str | bytes:
         """One frame during login, bounded by the connect timeout."""
         async with asyncio.timeout(self.config.connect_timeout_s):
             return await ws.recv()

@@ -30,7 +30,7 @@ from chatprobe.protocols.base import (
     register,
 )
 from chatprobe.protocols.link import ReconnectingLink, SeenIds
-from chatprobe.protocols.websocket import WebSocket
+from chatprobe.protocols.websocket import MessageSocket
 
 LOGIN_ERRORS = {
     wire.ERR_AUTH_FAILED: Cause.AUTH_REJECTED,
@@ -74,12 +74,21 @@ def websocket_url(target_url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", "", ""))
 
 
+def long_poll_url(target_url: str) -> str:
+    """The long-polling fallback beside the WebSocket endpoint: .../ws -> .../lp (http)."""
+    parts = urlsplit(websocket_url(target_url))
+    scheme = "https" if parts.scheme == "wss" else "http"
+    path = parts.path[:-len("/ws")] if parts.path.endswith("/ws") else parts.path
+    return urlunsplit((scheme, parts.netloc, path.rstrip("/") + "/lp", "", ""))
+
+
 class _Link(ReconnectingLink):
     """One reference-protocol client connection: hello/welcome, acks, resume by message id."""
 
     def __init__(self, adapter: ReferenceAdapter, hello: wire.Frame,
                  on_frame: Callable[[wire.Frame], None], on_event: OnEvent) -> None:
-        super().__init__(adapter.ws_url, adapter.config, on_event)
+        super().__init__(adapter.ws_url, adapter.config, on_event,
+                         fallback_url=long_poll_url(adapter.target_url))
         self.hello = hello
         self.on_frame = on_frame
         self.welcome: wire.Frame = {}
@@ -89,7 +98,7 @@ class _Link(ReconnectingLink):
         # reconnect as the platform duplicating messages.
         self.seen = SeenIds()
 
-    async def handshake(self, ws: WebSocket, resume: bool) -> None:
+    async def handshake(self, ws: MessageSocket, resume: bool) -> None:
         hello = dict(self.hello)
         if resume and self.last_id is not None:
             hello["resume_after"] = self.last_id

@@ -15,7 +15,7 @@ import contextlib
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
@@ -28,9 +28,72 @@ from websockets.uri import parse_uri
 Message = str | bytes
 
 
-class WebSocket(asyncio.Protocol):
-    """One client connection. Before :meth:`deliver_to` is called, messages queue for
+class MessageSocket(Protocol):
+    """What a ReconnectingLink needs of a connection: this module's WebSocket, or the
+    long-polling socket of protocols/longpoll.py."""
+
+    closed: asyncio.Future[None]
+
+    def send_now(self, message: str) -> None: ...
+
+    async def send(self, message: str) -> None: ...
+
+    async def recv(self) -> Message: ...
+
+    def deliver_to(self, on_message: Callable[[Message], None]) -> None: ...
+
+    def abort(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Inbox:
+    """Incoming messages of a connection: before :meth:`deliver_to` they queue for
     :meth:`recv` (a login exchange); afterwards each goes to the callback as it arrives."""
+
+    closed: asyncio.Future[None]
+
+    def __init__(self) -> None:
+        self._queued: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_message: Callable[[Message], None] | None = None
+
+    def _closed_error(self) -> ConnectionClosed:
+        return ConnectionClosedError(None, None)
+
+    def _deliver(self, message: Message) -> None:
+        if self._on_message is not None:
+            self._on_message(message)
+        else:
+            self._queued.append(message)
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def recv(self) -> Message:
+        """The next message, for a login exchange before :meth:`deliver_to`."""
+        while not self._queued:
+            if self.closed.done():
+                raise self._closed_error()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._queued.popleft()
+
+    def deliver_to(self, on_message: Callable[[Message], None]) -> None:
+        """From now on hand each message to ``on_message`` (queued ones first)."""
+        while self._queued:
+            on_message(self._queued.popleft())
+        self._on_message = on_message
+
+
+class WebSocket(Inbox, asyncio.Protocol):
+    """One client connection over websockets' sans-I/O protocol."""
 
     def __init__(self, protocol: ClientProtocol, ping_interval_s: float, ping_timeout_s: float,
                  close_timeout_s: float) -> None:
@@ -42,10 +105,8 @@ class WebSocket(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.opened: asyncio.Future[None] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self._queued: deque[Message] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._on_message: Callable[[Message], None] | None = None
+        self.closed = loop.create_future()
+        super().__init__()
         self._fragments: list[bytes] = []
         self._fragment_text = False
         self._ping_timer: asyncio.TimerHandle | None = None
@@ -129,18 +190,8 @@ class WebSocket(asyncio.Protocol):
             return None
 
     def _message(self, message: Message | None) -> None:
-        if message is None:
-            return
-        if self._on_message is not None:
-            self._on_message(message)
-        else:
-            self._queued.append(message)
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if message is not None:
+            self._deliver(message)
 
     # -- keepalive ---------------------------------------------------------------------
 
@@ -181,24 +232,6 @@ class WebSocket(asyncio.Protocol):
 
     async def send(self, message: str) -> None:
         self.send_now(message)
-
-    async def recv(self) -> Message:
-        """The next message, for a login exchange before :meth:`deliver_to`."""
-        while not self._queued:
-            if self.closed.done():
-                raise self._closed_error()
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._queued.popleft()
-
-    def deliver_to(self, on_message: Callable[[Message], None]) -> None:
-        """From now on hand each message to ``on_message`` (queued ones first)."""
-        while self._queued:
-            on_message(self._queued.popleft())
-        self._on_message = on_message
 
     def _closed_error(self) -> ConnectionClosed:
         try:

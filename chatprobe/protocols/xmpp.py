@@ -42,7 +42,7 @@ from chatprobe.protocols.base import (
     register,
 )
 from chatprobe.protocols.link import ReconnectingLink, SeenIds
-from chatprobe.protocols.websocket import WebSocket
+from chatprobe.protocols.websocket import MessageSocket
 
 NS_FRAMING = "urn:ietf:params:xml:ns:xmpp-framing"
 NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -108,7 +108,7 @@ class _XmppLink(ReconnectingLink):
     def _open_element(self) -> str:
         return f"<open xmlns='{NS_FRAMING}' to={quoteattr(self.domain)} version='1.0'/>"
 
-    async def _expect(self, ws: WebSocket, ns: str, *names: str) -> ET.Element:
+    async def _expect(self, ws: MessageSocket, ns: str, *names: str) -> ET.Element:
         element = parse_frame(await self.recv_login(ws))
         if _namespace(element) == NS_STREAMS and _local(element) == "error":
             raise TargetError(Cause.PROTOCOL, f"stream error: {_error_condition(element)}")
@@ -117,7 +117,7 @@ class _XmppLink(ReconnectingLink):
                                               f"{element.tag}")
         return element
 
-    async def handshake(self, ws: WebSocket, resume: bool) -> None:
+    async def handshake(self, ws: MessageSocket, resume: bool) -> None:
         await ws.send(self._open_element())
         await self._expect(ws, NS_FRAMING, "open")
         features = await self._expect(ws, NS_STREAMS, "features")
@@ -161,7 +161,7 @@ class _XmppLink(ReconnectingLink):
             for client_id, stanza in list(self.unacked.items()):
                 await self._send_stanza(ws, stanza, client_id)
 
-    async def _send_stanza(self, ws: WebSocket, stanza: str,
+    async def _send_stanza(self, ws: MessageSocket, stanza: str,
                            client_id: str | None = None) -> None:
         if self.stream_management:
             self.sent_out += 1
@@ -261,7 +261,7 @@ class _XmppLink(ReconnectingLink):
             await self._send_stanza(ws, stanza, client_id)
         return future
 
-    async def goodbye(self, ws: WebSocket) -> None:
+    async def goodbye(self, ws: MessageSocket) -> None:
         # Without it ejabberd holds the socket ~10 s before closing.
         await ws.send(f"<close xmlns='{NS_FRAMING}'/>")
 

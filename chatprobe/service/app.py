@@ -20,12 +20,14 @@ import random
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
 from chatprobe.protocols import wire
+from chatprobe.service import longpoll
 from chatprobe.service.faults import FaultError, Faults
 from chatprobe.service.model import (
     Agent,
@@ -49,10 +51,21 @@ COUNTER_NAMES = (
 )
 
 
-class Session:
-    """One WebSocket client; frames go out through a queue so pushes never interleave."""
+class Channel(Protocol):
+    """What a session writes to: a WebSocket, or a long-polling channel (longpoll.py)."""
 
-    def __init__(self, ws: web.WebSocketResponse, role: str, shop: str, user: str,
+    @property
+    def closed(self) -> bool: ...
+
+    async def send_str(self, data: str) -> None: ...
+
+    async def close(self) -> object: ...
+
+
+class Session:
+    """One client connection; frames go out through a queue so pushes never interleave."""
+
+    def __init__(self, ws: Channel, role: str, shop: str, user: str,
                  version_ok: bool) -> None:
         self.ws = ws
         self.role = role
@@ -116,6 +129,8 @@ class ChatService:
         self.last_due: dict[int, float] = {}
         self.paused: list[tuple[int, tuple[str, str], wire.Frame]] = []
         self._tick_task: asyncio.Task[None] | None = None
+        self.background: set[asyncio.Task[None]] = set()  # long-poll connections
+        self._expiry_task: asyncio.Task[None] | None = None
         for conv in store.open_conversations():
             self.conversations[conv.id] = conv
             if conv.agent is None:
@@ -379,17 +394,30 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     service: ChatService = request.app[SERVICE_KEY]
     ws = web.WebSocketResponse(heartbeat=None, max_msg_size=1 << 20)
     await ws.prepare(request)
+
+    async def messages() -> AsyncIterator[str | bytes]:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                yield str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                yield bytes(msg.data)
+
+    await serve_channel(service, ws, messages())
+    return ws
+
+
+async def serve_channel(service: ChatService, ws: Channel,
+                        messages: AsyncIterator[str | bytes]) -> None:
+    """One client connection, whatever carries it: log in, handle frames, log out."""
     session: Session | None = None
     pump: asyncio.Task[None] | None = None
     try:
-        async for msg in ws:
-            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                continue
+        async for data in messages:
             frame: wire.Frame | None = None
             try:
-                if msg.type == WSMsgType.BINARY:
+                if isinstance(data, bytes):
                     raise wire.ProtocolError("binary frames not supported")
-                frame = wire.decode(msg.data)
+                frame = wire.decode(data)
                 if session is None:
                     session = _hello(service, ws, frame)
                     pump = asyncio.get_running_loop().create_task(session.pump())
@@ -420,7 +448,6 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         if pump is not None:
             await pump
         await ws.close()
-    return ws
 
 
 def _echo_request_ids(error: wire.Frame, frame: wire.Frame | None) -> None:
@@ -431,7 +458,7 @@ def _echo_request_ids(error: wire.Frame, frame: wire.Frame | None) -> None:
                 error[key] = frame[key]
 
 
-def _hello(service: ChatService, ws: web.WebSocketResponse, frame: wire.Frame) -> Session:
+def _hello(service: ChatService, ws: Channel, frame: wire.Frame) -> Session:
     if frame["type"] != "hello":
         raise FrameError(wire.ERR_NOT_LOGGED_IN, "first frame must be hello", fatal=True)
     role = frame.get("role")
@@ -850,13 +877,27 @@ def build_app(service: ChatService) -> web.Application:
     app.router.add_get("/admin/messages/{id}", admin_trace)
     app.router.add_post("/admin/conversations/{id}/close", admin_close_conversation)
     app.router.add_post("/admin/conversations/{id}/transfer", admin_transfer_conversation)
+    app[longpoll.CHANNELS_KEY] = {}
+    app.add_routes(longpoll.routes(service, serve_channel))
+
+    async def expire_long_polls() -> None:
+        while True:
+            await asyncio.sleep(longpoll.IDLE_CLOSE_S / 6)
+            await longpoll.expire_idle(app)
 
     async def start_tick(app: web.Application) -> None:
-        service._tick_task = asyncio.get_running_loop().create_task(service.tick())
+        loop = asyncio.get_running_loop()
+        service._tick_task = loop.create_task(service.tick())
+        service._expiry_task = loop.create_task(expire_long_polls())
 
     async def stop_tick(app: web.Application) -> None:
-        if service._tick_task is not None:
-            service._tick_task.cancel()
+        for task in (service._tick_task, service._expiry_task):
+            if task is not None:
+                task.cancel()
+        for channel in list(app[longpoll.CHANNELS_KEY].values()):
+            await channel.close()
+        if service.background:
+            await asyncio.wait(service.background, timeout=5)
         service.store.close()
 
     app.on_startup.append(start_tick)

@@ -170,9 +170,9 @@ class _Customer:
         default_factory=asyncio.Queue)
     conversations: dict[str, _Conversation] = field(default_factory=dict)
     leaving: bool = False
-    # When the target last let the customer go on (connected, conversation opened): a send
-    # it held up until then is the target's delay, not the generator falling behind.
-    unblocked_us: int = 0
+    # Set while the first round waits for the connection (handshake, login): the target's
+    # time, like the open's.
+    connecting_since_us: int | None = None
 
 
 @dataclass
@@ -432,11 +432,11 @@ class WorkerEngine:
         """Connect once, play the rounds handed over, leave when the user goes."""
         assert self.adapter is not None
         session: CustomerSession | None = None
+        customer.connecting_since_us = now_us()
         try:
             session = await self.adapter.connect_customer(
                 f"swarm-{self.codec.run}-{customer.name}", self._customer_receiver(customer),
                 self._event(customer.name))
-            customer.unblocked_us = now_us()
             while (item := await customer.rounds.get()) is not None:
                 await self._play(session, customer, *item)
             for name, conversation in list(customer.conversations.items()):
@@ -455,7 +455,19 @@ class WorkerEngine:
         """One round: each message stamped and sent at its planned time, in order."""
         out, codec, script = self.out, self.codec, self.script
         name = f"{self.worker}{round_name}"
-        conversation: _Conversation | None = None
+        if customer.leaving:
+            return
+        # The customer opens the chat window, then types: the open overlaps the first think
+        # time. A send held up by the target's answer waited for the target, so that wait
+        # is not the generator's lateness; a generator late to even ask still shows.
+        channels = self.config.channels
+        channel = channels[zlib.crc32(name.encode()) % len(channels)]
+        asked_us = customer.connecting_since_us or now_us()
+        customer.connecting_since_us = None
+        opened = await session.open_conversation(name, channel)
+        conversation = customer.conversations[name] = _Conversation(opened.id)
+        ready_us = now_us()
+        waited_us = ready_us - asked_us
         for number, (intended_us, kind, body) in enumerate(plan):
             # uvloop keeps timers in whole milliseconds and may wake early: a message sent
             # before its planned time could even arrive "before" it. Sleep until it is due.
@@ -465,7 +477,7 @@ class WorkerEngine:
                 break  # the user was stopped: the rest of its script never happens
             sent = now_us()
             # Latency still counts from the plan; lateness is the generator's own share.
-            lag = sent - max(intended_us, customer.unblocked_us)
+            lag = sent - intended_us - max(0, min(waited_us, ready_us - intended_us))
             if lag > LATE_SEND_US:
                 out.late_sends += 1
             if lag > out.send_lag_max_us:
@@ -473,12 +485,6 @@ class WorkerEngine:
             seq = number + 1
             out.sends.append([name, name, seq, intended_us, sent, kind])
             text = codec.stamp_text(body, name, name, seq, intended_us)
-            if conversation is None:
-                channels = self.config.channels
-                channel = channels[zlib.crc32(name.encode()) % len(channels)]
-                opened = await session.open_conversation(name, channel)
-                conversation = customer.conversations[name] = _Conversation(opened.id)
-                customer.unblocked_us = now_us()
             step = script.step_for_seq(seq) if script is not None else None
             if step is not None and step.expects_reply:
                 conversation.awaiting_replies.add(seq)
@@ -488,8 +494,7 @@ class WorkerEngine:
             ack.add_done_callback(self._ack_recorder(customer.name, name, seq))
             if number == drop_after and session.drop_connection():
                 out.events.append(f"{customer.name} dropped its connection")
-        if conversation is not None:
-            self._spawn(self._close_when_answered(session, customer, name, conversation))
+        self._spawn(self._close_when_answered(session, customer, name, conversation))
 
     async def _close_when_answered(self, session: CustomerSession, customer: _Customer,
                                    name: str, conversation: _Conversation) -> None:

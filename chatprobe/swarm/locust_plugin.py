@@ -370,11 +370,13 @@ class ChatCustomer(User):
         self.rng = random.Random()
         self.customer = ""
         self.round = 0
+        self.plan_end_us = 0
 
     def on_start(self) -> None:
         ChatCustomer._counter += 1
         self.customer = f"c{ChatCustomer._counter}"  # one connection for the user's life
         self.round = 0
+        self.plan_end_us = 0
 
     def on_stop(self) -> None:
         # The shape took this customer away (maybe mid-script): it closes and leaves.
@@ -394,12 +396,15 @@ class ChatCustomer(User):
         self.round += 1
         drop_after = self.rng.randrange(len(script.steps)) if self.rng.random() < share else -1
         plan = []
-        intended = now_us()
+        # Open model: a round starts when the previous one was planned to end, however late
+        # this greenlet runs, so a generator that falls behind shows as late sends.
+        intended = self.plan_end_us or now_us()
         for step in script.steps:
             intended += int(step.think_s * scale * 1_000_000)
             plan.append((intended, step.kind, script.body(step, self.rng)))
         # The chat loop paces the round; this greenlet only waits for it to be over.
         engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after)
+        self.plan_end_us = intended
         wait_s = (intended - now_us()) / 1e6
         if wait_s > 0:
             gevent.sleep(wait_s)

@@ -1,0 +1,118 @@
+"""The client side of the reference service's long-polling transport (docs/protocol.md,
+section 9): the same face as :class:`chatprobe.protocols.websocket.WebSocket`, so a
+``ReconnectingLink`` falls back to it when a proxy strips or refuses the WebSocket upgrade.
+
+One task posts what the client sends (in order, batched while a post is in flight); one
+task long-polls for what the server sends. Any HTTP failure ends the channel, as a dropped
+socket ends a WebSocket, and the link reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import orjson
+from websockets.exceptions import ConnectionClosedError
+
+from chatprobe.protocols.websocket import Inbox
+
+Message = str | bytes
+POLL_WAIT_S = 20.0
+
+
+class LongPollSocket(Inbox):
+    def __init__(self, http: aiohttp.ClientSession, channel_url: str,
+                 request_timeout_s: float) -> None:
+        super().__init__()
+        self.http = http
+        self.channel_url = channel_url
+        self.request_timeout_s = request_timeout_s
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        self._outgoing: list[str] = []
+        self._has_outgoing = asyncio.Event()
+        self._tasks = [loop.create_task(self._poll_forever()),
+                       loop.create_task(self._post_forever())]
+
+    # -- the WebSocket face ------------------------------------------------------------
+
+    def send_now(self, message: str) -> None:
+        if self.closed.done():
+            raise ConnectionClosedError(None, None)
+        self._outgoing.append(message)
+        self._has_outgoing.set()
+
+    async def send(self, message: str) -> None:
+        self.send_now(message)
+
+    def abort(self) -> None:
+        self._end()
+
+    async def close(self) -> None:
+        if not self.closed.done():
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with asyncio.timeout(self.request_timeout_s):
+                    await self.http.delete(self.channel_url)
+        self._end()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.http.close()
+
+    # -- the machinery -----------------------------------------------------------------
+
+    def _end(self) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._wake()
+        if self.http.closed is False:
+            asyncio.get_running_loop().create_task(self.http.close())
+
+    async def _poll_forever(self) -> None:
+        try:
+            while True:
+                async with asyncio.timeout(POLL_WAIT_S + self.request_timeout_s):
+                    async with self.http.get(self.channel_url,
+                                             params={"wait": str(POLL_WAIT_S)}) as response:
+                        if response.status != 200:
+                            break
+                        frames = orjson.loads(await response.read())
+                for text in frames:
+                    self._deliver(text)
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, OSError):
+            pass
+        self._end()
+
+    async def _post_forever(self) -> None:
+        try:
+            while True:
+                await self._has_outgoing.wait()
+                self._has_outgoing.clear()
+                batch, self._outgoing = self._outgoing, []
+                async with asyncio.timeout(self.request_timeout_s):
+                    async with self.http.post(self.channel_url,
+                                              data=orjson.dumps(batch)) as response:
+                        if response.status != 200:
+                            break
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass
+        self._end()
+
+
+async def open_long_poll(base_url: str, timeout_s: float) -> LongPollSocket:
+    """Open a channel at ``base_url`` (e.g. http://host:port/lp). Raises aiohttp.ClientError,
+    OSError or TimeoutError; an HTTP error status raises aiohttp.ClientResponseError."""
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with http.post(base_url) as response:
+                response.raise_for_status()
+                reply = await response.json()
+        channel = reply["channel"]
+    except BaseException:
+        await http.close()
+        raise
+    return LongPollSocket(http, f"{base_url}/{channel}", timeout_s)
