@@ -168,10 +168,10 @@ def test_one_run_over_four_shipped_profiles_prints_them_side_by_side(
     header = next(line for line in result.stdout.splitlines() if line.startswith("profile "))
     assert header.split()[1:] == names
     p50 = {run["profile"]: run["latency_ms"]["p50"] for run in doc["profiles"]}
-    # Each profile's customer uplink latency (half its added round trip) shows in the p50
-    # (lower bounds: a busy machine only adds to them).
-    assert p50["office-firewall"] >= 20 and p50["vpn-overseas"] >= 100
-    assert p50["mobile-3g"] >= 150, p50
+    # Each profile's customer uplink latency (half its added round trip, +/- half its
+    # jitter, uniform) shows in the p50; lower bounds, as a busy machine only adds to them.
+    assert p50["office-firewall"] >= 20 - 2.5 and p50["vpn-overseas"] >= 100 - 5, p50
+    assert p50["mobile-3g"] >= 150 - 25, p50
     assert all(run["lost"] == 0 for run in doc["profiles"])
 
 
