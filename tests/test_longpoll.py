@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -102,3 +103,25 @@ def test_a_channel_that_ends_closes_the_socket(reference_service: ServiceProcess
         await socket.close()
 
     run(main())
+
+
+def test_what_is_written_before_close_is_delivered_in_requests_the_service_takes(
+        reference_service: ServiceProcess) -> None:
+    async def main() -> None:
+        socket = await open_long_poll(f"{reference_service.base_url}/lp", scaled(5))
+        socket.send_now(hello("lp-2"))
+        assert json.loads(await socket.recv())["type"] == "welcome"
+        socket.send_now(json.dumps({"type": "open", "ref": "r1", "channel": "web"}))
+        opened = json.loads(await socket.recv())
+        # More than one request's worth (500 frames), written at once, then closed at once.
+        for i in range(600):
+            socket.send_now(json.dumps({"type": "send", "conversation": opened["conversation"],
+                                        "client_msg_id": f"m{i}", "text": f"message {i}"}))
+        await socket.close()
+
+    run(main())
+    # The service handles the last request's frames on its own task: wait for them.
+    deadline = time.monotonic() + scaled(10)
+    while reference_service.stats()["accepted"] < 600 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reference_service.stats()["accepted"] == 600

@@ -198,3 +198,23 @@ def test_a_swarm_behind_profiles_measures_each_side_and_reconciles(
     # run still has the agents' 50 ms.
     assert clean["latency_ms"]["p50"] >= 50 and slow["latency_ms"]["p50"] >= 150
     assert "customers" not in clean["proxy"] and slow["proxy"]["customers"]["faulted"] > 0
+
+
+def test_a_swarm_whose_customers_cannot_connect_counts_their_messages_lost(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    shape = tmp_path / "shape.yaml"
+    shape.write_text("stages:\n  - {duration: 3, users: 5, spawn_rate: 5}\n")
+    refusing = write_profile(tmp_path, "refusing-proxy", "middlebox: {upgrade: refuse}\n")
+    config = tmp_path / "target.yaml"
+    config.write_text((ROOT / "fixtures" / "targets" / "reference.yaml").read_text()
+                      + "long_poll_fallback: false\nreconnect_window_s: 0\n")
+    result = chatprobe("swarm", "--target", reference_service.base_url, "--shape", str(shape),
+                       "--think-scale", "0.1", "--sla-ms", "1000", "--deadline-ms", "2000",
+                       "--config", str(config), "--profile", str(refusing), "--json",
+                       str(tmp_path / "out.json"), timeout=240)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    # The customers tried: every planned message is in the ledger, and lost.
+    assert doc["sent"] >= 5 and doc["lost"] == doc["sent"] and doc["delivered"] == 0
+    assert reference_service.stats()["accepted"] == 0
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    assert any("upgrade_refused" in e for e in doc["connection_events"])

@@ -173,3 +173,16 @@ def test_a_connection_without_pongs_is_cut() -> None:
                 await asyncio.shield(ws.closed)
 
     asyncio.run(main())
+
+
+def test_a_connection_reset_before_any_answer_is_a_network_failure() -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()
+
+    async def main() -> None:
+        async with raw_server(reset) as url:
+            with pytest.raises(OSError):  # not InvalidHandshake: nothing answered
+                await connect(url, scaled(5))
+
+    asyncio.run(main())

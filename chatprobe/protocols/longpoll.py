@@ -20,6 +20,7 @@ from chatprobe.protocols.websocket import Inbox
 
 Message = str | bytes
 POLL_WAIT_S = 20.0
+MAX_BATCH = 500  # frames per POST: the service's limit
 
 
 class LongPollSocket(Inbox):
@@ -32,7 +33,9 @@ class LongPollSocket(Inbox):
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
         self._outgoing: list[str] = []
+        self._posting = False
         self._has_outgoing = asyncio.Event()
+        self._background: asyncio.Task[None] | None = None
         self._tasks = [loop.create_task(self._poll_forever()),
                        loop.create_task(self._post_forever())]
 
@@ -48,13 +51,32 @@ class LongPollSocket(Inbox):
         self.send_now(message)
 
     def abort(self) -> None:
+        """Stop at once; the server still hears of it (a WebSocket peer sees the reset)."""
+        notify = not self.closed.done()
         self._end()
 
+        async def hang_up() -> None:
+            if notify:
+                await self._delete()
+            await self.http.close()
+
+        self._background = asyncio.get_running_loop().create_task(hang_up())
+
+    async def _delete(self) -> None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+            async with asyncio.timeout(self.request_timeout_s), \
+                    self.http.delete(self.channel_url):
+                pass
+
     async def close(self) -> None:
+        """Deliver what was written, then close the channel (as a WebSocket close does)."""
         if not self.closed.done():
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.request_timeout_s):
-                    await self.http.delete(self.channel_url)
+                    while (self._outgoing or self._posting) and not self.closed.done():
+                        await asyncio.sleep(0.01)
+            if not self.closed.done():
+                await self._delete()
         self._end()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.http.close()
@@ -68,38 +90,48 @@ class LongPollSocket(Inbox):
             if task is not asyncio.current_task():
                 task.cancel()
         self._wake()
-        if self.http.closed is False:
-            asyncio.get_running_loop().create_task(self.http.close())
 
     async def _poll_forever(self) -> None:
+        # Any failure, garbage included, ends the channel like a dropped socket: never a
+        # task dying quietly while the link waits for a close that never comes.
         try:
             while True:
                 async with asyncio.timeout(POLL_WAIT_S + self.request_timeout_s):
                     async with self.http.get(self.channel_url,
                                              params={"wait": str(POLL_WAIT_S)}) as response:
                         if response.status != 200:
-                            break
+                            return
                         frames = orjson.loads(await response.read())
+                if not isinstance(frames, list):
+                    return
                 for text in frames:
-                    self._deliver(text)
+                    if isinstance(text, str):
+                        self._deliver(text)
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, OSError):
             pass
-        self._end()
+        finally:
+            self._end()
 
     async def _post_forever(self) -> None:
         try:
             while True:
                 await self._has_outgoing.wait()
                 self._has_outgoing.clear()
-                batch, self._outgoing = self._outgoing, []
-                async with asyncio.timeout(self.request_timeout_s):
-                    async with self.http.post(self.channel_url,
-                                              data=orjson.dumps(batch)) as response:
-                        if response.status != 200:
-                            break
+                while self._outgoing:
+                    # In order, at most what the server takes in one request.
+                    batch = self._outgoing[:MAX_BATCH]
+                    del self._outgoing[:MAX_BATCH]
+                    self._posting = True
+                    async with asyncio.timeout(self.request_timeout_s):
+                        async with self.http.post(self.channel_url,
+                                                  data=orjson.dumps(batch)) as response:
+                            if response.status != 200:
+                                return
+                    self._posting = False
         except (aiohttp.ClientError, TimeoutError, OSError):
             pass
-        self._end()
+        finally:
+            self._end()
 
 
 async def open_long_poll(base_url: str, timeout_s: float) -> LongPollSocket:

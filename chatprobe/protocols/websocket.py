@@ -108,6 +108,7 @@ class WebSocket(Inbox, asyncio.Protocol):
         self.closed = loop.create_future()
         super().__init__()
         self._fragments: list[bytes] = []
+        self._received_any = False
         self._fragment_text = False
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_payload: bytes | None = None
@@ -122,6 +123,7 @@ class WebSocket(Inbox, asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        self._received_any = True
         protocol = self.protocol
         protocol.receive_data(data)
         for event in protocol.events_received():
@@ -149,7 +151,10 @@ class WebSocket(Inbox, asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         if not self.opened.done():
-            self.opened.set_exception(self.protocol.handshake_exc or exc or ConnectionResetError(
+            # Closed before any answer: a network failure (reset, refused behind a proxy),
+            # not a server speaking the wrong protocol, whatever the state machine says.
+            refusal = self.protocol.handshake_exc if self._received_any else None
+            self.opened.set_exception(refusal or exc or ConnectionResetError(
                 "connection closed during the WebSocket handshake"))
         if not self.closed.done():
             self.closed.set_result(None)

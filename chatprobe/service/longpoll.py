@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from chatprobe.service.app import ChatService
 
 IDLE_CLOSE_S = 30.0
+CLOSED_GRACE_S = 10.0  # a closed channel's last frames wait this long to be fetched
 MAX_WAIT_S = 30.0
 MAX_BATCH = 500  # frames per request, either way
 CHANNELS_KEY = web.AppKey("longpoll_channels", dict)
@@ -91,7 +92,13 @@ def routes(service: ChatService, serve_channel: object) -> list[web.RouteDef]:
             try:
                 await serve_channel(service, channel, channel.messages())  # type: ignore[operator]
             finally:
-                channels.pop(channel.id, None)
+                # The last frames (a login refusal, "session ended") are still to be fetched:
+                # the channel answers 410 only once they are, or after a grace period.
+                if channel.outbound:
+                    asyncio.get_running_loop().call_later(
+                        CLOSED_GRACE_S, lambda: channels.pop(channel.id, None))
+                else:
+                    channels.pop(channel.id, None)
 
         task = asyncio.get_running_loop().create_task(run())
         service.background.add(task)
@@ -120,6 +127,7 @@ def routes(service: ChatService, serve_channel: object) -> list[web.RouteDef]:
             raise web.HTTPBadRequest(text="wait must be a number of seconds") from None
         frames = await channel.take(wait_s)
         if not frames and channel.closed:
+            request.app[CHANNELS_KEY].pop(channel.id, None)
             raise web.HTTPGone(text="long-poll channel closed")
         return web.Response(body=orjson.dumps(frames), content_type="application/json")
 

@@ -165,8 +165,8 @@ class _Customer:
 
     name: str
     # Rounds to play, in order: (conversation name, plan, index of the message after which
-    # the connection drops or -1); None when the customer leaves.
-    rounds: asyncio.Queue[tuple[str, list[Planned], int] | None] = field(
+    # the connection drops or -1, the round's planned start); None when the customer leaves.
+    rounds: asyncio.Queue[tuple[str, list[Planned], int, int] | None] = field(
         default_factory=asyncio.Queue)
     conversations: dict[str, _Conversation] = field(default_factory=dict)
     leaving: bool = False
@@ -223,7 +223,7 @@ class WorkerEngine:
         self.failure_cause: str | None = None
         self.started_at = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handoff: deque[tuple[str, tuple[str, list[Planned], int] | None]] = deque()
+        self._handoff: deque[tuple[str, tuple[str, list[Planned], int, int] | None]] = deque()
         self._wake_pending = False
 
     # -- greenlet side -----------------------------------------------------------------
@@ -245,19 +245,22 @@ class WorkerEngine:
         return self.agents_ready
 
     def play_round(self, customer: str, round_name: str, plan: list[Planned],
-                   drop_after: int = -1) -> None:
+                   drop_after: int = -1, start_us: int | None = None) -> None:
         """Hand over one round of ``customer``'s script: a new conversation ``round_name``
         whose messages the chat loop sends at their planned times (open model: a send the
         loop makes late is counted, and its latency still counts from the plan). The
-        connection drops after message number ``drop_after`` (mobile users), if >= 0."""
-        self._hand_over(customer, (round_name, plan, drop_after))
+        connection drops after message number ``drop_after`` (mobile users), if >= 0.
+        ``start_us``: when the round was planned to begin (default: its first message)."""
+        start = start_us if start_us is not None else (plan[0][0] if plan else now_us())
+        self._hand_over(customer, (round_name, plan, drop_after, start))
 
     def leave(self, customer: str) -> None:
         """The customer goes away (the shape took its user): what it has not sent yet is
         never sent, and its connection closes once the answers are in."""
         self._hand_over(customer, None)
 
-    def _hand_over(self, customer: str, item: tuple[str, list[Planned], int] | None) -> None:
+    def _hand_over(self, customer: str,
+                   item: tuple[str, list[Planned], int, int] | None) -> None:
         self._handoff.append((f"{self.worker}{customer}", item))
         if not self._wake_pending:
             # One wake-up per burst: the cross-thread call is the costly part.
@@ -442,8 +445,12 @@ class WorkerEngine:
             for name, conversation in list(customer.conversations.items()):
                 await self._close_when_answered(session, customer, name, conversation)
         except TargetError as exc:
-            # Unsent messages stay unmatched: the ledger calls them lost at their deadline.
+            # Unsent messages stay unmatched: the ledger calls them lost at their deadline,
+            # also those of rounds still waiting for this connection.
             self.out.events.append(f"{customer.name} dead: {exc}")
+            while not customer.rounds.empty():
+                if (item := customer.rounds.get_nowait()) is not None:
+                    self._record_unsent(f"{self.worker}{item[0]}", item[1], 0)
         finally:
             self.customers.pop(customer.name, None)
             if session is not None:
@@ -451,12 +458,30 @@ class WorkerEngine:
                     await session.close()
 
     async def _play(self, session: CustomerSession, customer: _Customer, round_name: str,
-                    plan: list[Planned], drop_after: int) -> None:
-        """One round: each message stamped and sent at its planned time, in order."""
-        out, codec, script = self.out, self.codec, self.script
+                    plan: list[Planned], drop_after: int, start_us: int) -> None:
+        """One round: each message stamped and sent at its planned time, in order. If the
+        target fails the round, what was planned but not sent is recorded as sent (the
+        customer tried), so the ledger calls it lost instead of never knowing of it."""
         name = f"{self.worker}{round_name}"
         if customer.leaving:
             return
+        recorded = [0]
+        try:
+            await self._play_messages(session, customer, name, plan, drop_after, start_us,
+                                      recorded)
+        except TargetError:
+            self._record_unsent(name, plan, recorded[0])
+            raise
+
+    def _record_unsent(self, name: str, plan: list[Planned], done: int) -> None:
+        now = now_us()
+        for seq, (intended_us, kind, _) in enumerate(plan[done:], start=done + 1):
+            self.out.sends.append([name, name, seq, intended_us, now, kind])
+
+    async def _play_messages(self, session: CustomerSession, customer: _Customer, name: str,
+                             plan: list[Planned], drop_after: int, start_us: int,
+                             recorded: list[int]) -> None:
+        out, codec, script = self.out, self.codec, self.script
         # The customer opens the chat window, then types: the open overlaps the first think
         # time. A send held up by the target's answer waited for the target, so that wait
         # is not the generator's lateness; a generator late to even ask still shows.
@@ -466,8 +491,9 @@ class WorkerEngine:
         customer.connecting_since_us = None
         opened = await session.open_conversation(name, channel)
         conversation = customer.conversations[name] = _Conversation(opened.id)
-        ready_us = now_us()
-        waited_us = ready_us - asked_us
+        # An on-time generator could send no sooner than the round's start plus the time
+        # the target took (connecting, opening); any later is the generator's own delay.
+        earliest_us = start_us + now_us() - asked_us
         for number, (intended_us, kind, body) in enumerate(plan):
             # uvloop keeps timers in whole milliseconds and may wake early: a message sent
             # before its planned time could even arrive "before" it. Sleep until it is due.
@@ -477,13 +503,14 @@ class WorkerEngine:
                 break  # the user was stopped: the rest of its script never happens
             sent = now_us()
             # Latency still counts from the plan; lateness is the generator's own share.
-            lag = sent - intended_us - max(0, min(waited_us, ready_us - intended_us))
+            lag = sent - max(intended_us, earliest_us)
             if lag > LATE_SEND_US:
                 out.late_sends += 1
             if lag > out.send_lag_max_us:
                 out.send_lag_max_us = lag
             seq = number + 1
             out.sends.append([name, name, seq, intended_us, sent, kind])
+            recorded[0] = seq
             text = codec.stamp_text(body, name, name, seq, intended_us)
             step = script.step_for_seq(seq) if script is not None else None
             if step is not None and step.expects_reply:

@@ -398,12 +398,12 @@ class ChatCustomer(User):
         plan = []
         # Open model: a round starts when the previous one was planned to end, however late
         # this greenlet runs, so a generator that falls behind shows as late sends.
-        intended = self.plan_end_us or now_us()
+        intended = start = self.plan_end_us or now_us()
         for step in script.steps:
             intended += int(step.think_s * scale * 1_000_000)
             plan.append((intended, step.kind, script.body(step, self.rng)))
         # The chat loop paces the round; this greenlet only waits for it to be over.
-        engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after)
+        engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after, start)
         self.plan_end_us = intended
         wait_s = (intended - now_us()) / 1e6
         if wait_s > 0:
