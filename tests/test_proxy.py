@@ -25,7 +25,7 @@ from chatprobe.netem.faults import (
     Stall,
     Upgrade,
 )
-from chatprobe.netem.proxy import FaultProxy
+from chatprobe.netem.proxy import FaultProxy, abort_with_rst
 from chatprobe.protocols.websocket import connect
 from tests.conftest import scaled
 
@@ -219,4 +219,41 @@ def test_a_proxy_that_strips_or_refuses_the_upgrade_stops_websockets(mode: str,
                 await ws.send("through")
                 assert await ws.recv() == "through"
                 await ws.close()
+    run(main())
+
+
+def test_a_client_reset_reaches_the_target_as_a_reset() -> None:
+    async def main() -> None:
+        target_saw: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def watch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.read(100)
+                await reader.read(100)
+                target_saw.set_result("eof")
+            except ConnectionResetError:
+                target_saw.set_result("reset")
+
+        server = await asyncio.start_server(watch, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with FaultProxy("127.0.0.1", port, lambda: [Latency(UP, 1.0)]) as proxy:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"hello")
+            await writer.drain()
+            abort_with_rst(writer)
+            assert await target_saw == "reset"
+        server.close()
+    run(main())
+
+
+def test_a_forgotten_flow_is_dropped_once_its_client_gives_up() -> None:
+    async def main() -> None:
+        async with proxied_echo([IdleTimeout(timeout_s=0.1, action="silent")]) as proxy:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            while not proxy.stats.kills:
+                await asyncio.sleep(0.02)
+            assert len(proxy._connections) == 1  # blackholed, still held
+            writer.close()  # the client's own timeout fires: it hangs up
+            while proxy._connections:
+                await asyncio.sleep(0.02)
     run(main())

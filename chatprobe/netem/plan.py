@@ -39,13 +39,15 @@ def proxy_faults(profile: Profile, seed: int | None = None) -> Callable[[], list
         if profile.upgrade != "pass":
             faults.append(Upgrade(mode=profile.upgrade, toxicity=profile.upgrade_toxicity))
         for direction, link in ((UP, profile.up), (DOWN, profile.down)):
+            # Stall before the link: what waits out a stall then crosses the shaped link at
+            # its rate, instead of leaving all at once.
+            if profile.stall_every_s and profile.stall_s:
+                faults.append(Stall(direction, profile.stall_every_s, profile.stall_s))
             if link.latency_ms or link.jitter_ms:
                 faults.append(Latency(direction, link.latency_ms, link.jitter_ms,
                                       random.Random(rng.random())))
             if link.bandwidth_kbit:
                 faults.append(Bandwidth(direction, link.bandwidth_kbit))
-            if profile.stall_every_s and profile.stall_s:
-                faults.append(Stall(direction, profile.stall_every_s, profile.stall_s))
         if profile.idle_timeout_s:
             faults.append(IdleTimeout(timeout_s=profile.idle_timeout_s,
                                       action=profile.idle_timeout_action))

@@ -20,6 +20,7 @@ from chatprobe.netem.faults import DOWN, UP, Fault, Kill, StreamClock
 
 CHUNK = 64 * 1024
 HEAD_LIMIT = 16 * 1024  # an HTTP request head larger than this is passed on unread
+HEAD_WAIT_S = 1.0
 
 
 @dataclass
@@ -33,7 +34,8 @@ class ProxyStats:
     kills: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
-def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
+def abort_with_rst(writer: asyncio.StreamWriter) -> None:
+    """Close with a RST (SO_LINGER 0) instead of a FIN, as a firewall rejecting a flow."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
         # SO_LINGER 0: close() sends a RST instead of a FIN.
@@ -75,12 +77,11 @@ class _Connection:
                 server_r, server_w = await asyncio.open_connection(proxy.target_host,
                                                                    proxy.target_port)
             except OSError:
-                _abort_with_rst(self.client_w)  # as the target itself would refuse
+                abort_with_rst(self.client_w)  # as the target itself would refuse
                 return
             self.server_w = server_w
-            if head:
-                server_w.write(head)
-            tasks = [self._pump(UP, self.client_r, server_w),
+            # The request head takes the uplink's faults like every other byte.
+            tasks = [self._pump(UP, self.client_r, server_w, first=head),
                      self._pump(DOWN, server_r, self.client_w), self._watch()]
             runners = [asyncio.ensure_future(t) for t in tasks]
             try:
@@ -90,14 +91,18 @@ class _Connection:
                     runner.cancel()
                 await asyncio.gather(*runners, return_exceptions=True)
         finally:
-            if not self.blackholed:
-                for writer in (self.client_w, self.server_w):
-                    if writer is not None:
-                        writer.close()
+            for writer in (self.client_w, self.server_w):
+                if writer is not None:
+                    writer.close()
 
     async def _request_head(self) -> tuple[bytes, bytes | None]:
         try:
-            head = await self.client_r.readuntil(b"\r\n\r\n")
+            # A protocol whose server speaks first (or not HTTP at all) sends no head: after
+            # a moment the connection is forwarded as it is.
+            async with asyncio.timeout(HEAD_WAIT_S):
+                head = await self.client_r.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            return b"", None
         except asyncio.LimitOverrunError:
             return await self.client_r.read(HEAD_LIMIT), None
         except asyncio.IncompleteReadError as exc:
@@ -121,19 +126,20 @@ class _Connection:
         writers = [w for w in (self.client_w, self.server_w) if w is not None]
         if kill.action == "silent":
             # Both sockets stay open and nothing passes: neither end learns anything, as
-            # behind a firewall that forgot the flow. The proxy drops them at shutdown.
+            # behind a firewall that forgot the flow. The pumps keep reading (and dropping)
+            # until one end gives up and closes; then both go.
             self.blackholed = True
-            self.proxy.blackholed.append(writers)
-        elif kill.action == "rst":
+            return
+        if kill.action == "rst":
             for writer in writers:
-                _abort_with_rst(writer)
+                abort_with_rst(writer)
         else:
             for writer in writers:
                 writer.close()
         self.finish()
 
     async def _pump(self, direction: str, reader: asyncio.StreamReader,
-                    writer: asyncio.StreamWriter) -> None:
+                    writer: asyncio.StreamWriter, first: bytes = b"") -> None:
         faults = [f for f in self.faults if f.direction in (direction, "both")]
         clock = StreamClock(self.started)
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -142,9 +148,11 @@ class _Connection:
         writer_task = asyncio.ensure_future(self._write(queue, writer, faults))
         try:
             while True:
-                data = await reader.read(CHUNK)
+                data, first = first or await reader.read(CHUNK), b""
                 if not data:
                     break
+                if self.blackholed:
+                    continue  # a forgotten flow: read and dropped, neither end told
                 if limit is not None:
                     data = data[:limit - self.passed[direction]]  # cut at the limit
                 now = self.loop.time()
@@ -158,11 +166,17 @@ class _Connection:
                     await queue.join()
                     self.kill(Kill("fin", f"data limit {limit} bytes"))
                     return
+            if self.blackholed:
+                self.finish()  # one end gave up on the dead flow: drop both
+                return
             await queue.join()  # the other side gets everything before the FIN
             if writer.can_write_eof():
                 writer.write_eof()
         except (ConnectionError, OSError):
-            pass
+            # A reset on one side is passed on as a reset, as a router would.
+            abort_with_rst(writer)
+            self.finish()
+            return
         finally:
             writer_task.cancel()
         # The server hung up (after the client's half-close, or on its own): over.
@@ -229,7 +243,6 @@ class FaultProxy:
         self.toxicity = toxicity
         self.rng = random.Random(seed)
         self.stats = ProxyStats()
-        self.blackholed: list[list[asyncio.StreamWriter]] = []
         self.shared: list[Fault] = list(faults())  # admission state spans connections
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -245,7 +258,7 @@ class FaultProxy:
         now = asyncio.get_running_loop().time()
         if not all(f.admit(now) for f in self.shared):
             self.stats.refused += 1
-            _abort_with_rst(writer)
+            abort_with_rst(writer)
             return
         faulted = self.rng.random() < self.toxicity
         faults: Sequence[Fault] = []
@@ -276,10 +289,6 @@ class FaultProxy:
             connection.finish()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        for writers in self.blackholed:
-            for writer in writers:
-                writer.transport.abort()
-        self.blackholed.clear()
 
     async def __aenter__(self) -> FaultProxy:
         await self.start()
