@@ -240,6 +240,8 @@ class ReconnectingLink(ABC):
                         await self.connected.wait()
                         if self.dead is not None:
                             raise self.dead
+                        if self.closing:
+                            raise TargetError(Cause.DISCONNECTED, "the session was closed")
                         ws = self.ws
                         assert ws is not None
                         with contextlib.suppress(ConnectionClosed):
@@ -296,6 +298,16 @@ class ReconnectingLink(ABC):
 
     async def close(self) -> None:
         self.closing = True
+        # Whoever still waits (a request, an ack) learns now, not after its timeout.
+        closed = TargetError(Cause.DISCONNECTED, "the session was closed")
+        waiting = list(self.ack_futures.values()) + list(self.other_futures.values())
+        self.ack_futures.clear()
+        self.other_futures.clear()
+        for future in waiting:
+            if not future.done():
+                future.set_exception(closed)
+        if self.dead is None:
+            self.connected.set()  # wakes ask(), which then sees `closing`
         if self.ws is not None:
             with contextlib.suppress(ConnectionClosed, OSError):
                 await self.goodbye(self.ws)

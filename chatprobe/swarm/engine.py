@@ -442,8 +442,9 @@ class WorkerEngine:
                 self._event(customer.name))
             while (item := await customer.rounds.get()) is not None:
                 await self._play(session, customer, *item)
-            for name, conversation in list(customer.conversations.items()):
-                await self._close_when_answered(session, customer, name, conversation)
+            # Leaving: the open conversations wait for their answers side by side.
+            await asyncio.gather(*(self._close_when_answered(session, customer, name, c)
+                                   for name, c in list(customer.conversations.items())))
         except TargetError as exc:
             # Unsent messages stay unmatched: the ledger calls them lost at their deadline,
             # also those of rounds still waiting for this connection.
@@ -535,10 +536,12 @@ class WorkerEngine:
             conversation.closed = True
             with contextlib.suppress(TargetError):
                 await session.close_conversation(conversation.id)
-        # Late answers to a recently closed round still count; older rounds are forgotten.
-        finished = customer.conversations
-        while len(finished) > RECENT_CONVERSATIONS:
-            del finished[next(iter(finished))]
+        # Late answers to a recently closed round still count; older closed rounds are
+        # forgotten (one still waiting for its answers is kept).
+        rounds = customer.conversations
+        closed = [name for name, c in rounds.items() if c.closed]
+        for name in closed[:max(0, len(rounds) - RECENT_CONVERSATIONS)]:
+            del rounds[name]
 
     def _ack_recorder(self, who: str, conversation: str,
                       seq: int) -> Callable[[asyncio.Future[Ack]], None]:
