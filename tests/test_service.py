@@ -296,3 +296,20 @@ def test_errors_name_the_request_that_failed(reference_service: ServiceProcess) 
         await cust.close()
 
     run(reference_service, scenario)
+
+
+def test_a_client_that_vanished_mid_request_is_one_log_line_not_a_traceback() -> None:
+    import logging
+    import sys
+
+    from chatprobe.service import runner
+
+    try:
+        raise ConnectionResetError("Cannot write to closing transport")
+    except ConnectionResetError:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                   "Error handling request from %s", ("127.0.0.1",),
+                                   sys.exc_info())
+    assert runner._ClientGone().filter(record)
+    assert record.exc_info is None
+    assert record.getMessage() == "client went away mid-request (ConnectionResetError)"

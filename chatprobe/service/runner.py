@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import signal
 import sys
@@ -17,6 +18,21 @@ from chatprobe.paths import fixtures_dir, state_dir
 from chatprobe.service.app import ChatService, build_app
 from chatprobe.service.model import ModelError, Shop, shops_from_document
 from chatprobe.service.store import Store
+
+
+class _ClientGone(logging.Filter):
+    """aiohttp logs a traceback when a client vanished while its answer was being written
+    (a customer's network dropped): ordinary for a chat service under load, so one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ConnectionError):
+            record.msg, record.args, record.exc_info = (
+                f"client went away mid-request ({type(exc).__name__})", (), None)
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_ClientGone())
 
 
 class ServiceConfigError(ValueError):
