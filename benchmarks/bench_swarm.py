@@ -75,7 +75,7 @@ def bench_a(seconds: float) -> tuple[float, int]:
     best, best_users = 0.0, 0
     try:
         # Each user sends 5 messages per script round; think_scale 0.01 -> ~48 messages/s.
-        for users in (80, 120, 160, 180, 200, 240, 300):
+        for users in (80, 120, 140, 160, 180, 200, 240, 300):
             level = swarm_level(url, users, 0.01, seconds)
             print(f"  (a) {users:>4} users: {level['delivered_per_s']:>8.0f} delivered/s, "
                   f"valid={level['valid']}, lost={level['lost']}, p99={level['p99_ms']} ms",
