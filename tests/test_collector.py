@@ -160,3 +160,25 @@ def test_a_lost_message_keeps_its_ack_as_evidence() -> None:
     assert by_seq[1]["server_id"] == "m-41" and by_seq[1]["acked_after_ms"] == 2.0
     assert by_seq[2]["server_id"] is None  # never accepted: the target has no trace of it
     assert doc["lost"] == 2 and doc["sent"] == 2
+
+
+def test_bins_that_can_no_longer_change_are_kept_compressed() -> None:
+    c = collector()
+    sends, receipts = [], []
+    for i in range(1, 601):  # one message every 100 ms for a minute
+        intended = i * 100_000
+        sends.append(["c", "c", i, intended, intended, "k"])
+        receipts.append(["c", i, "a", intended + 2_000 + (i * 7919) % 50_000])
+    c.ingest(batch(sends=sends, receipts=receipts))
+    live_before = sum(b.live is not None for b in c.bins.values())
+    c.expire(120 * SECOND)
+    sealed = [b for b in c.bins.values() if b.live is None]
+    assert live_before == len(c.bins) > 20 and len(sealed) > 20
+    assert all(len(b.sealed) < 5_000 for b in sealed)  # vs ~200 KB for a live histogram
+    doc = summary_of(c)
+    merged = {k: v for k, v in doc["latency_ms_merged_bins"].items() if k != "count"}
+    assert merged == {k: v for k, v in doc["latency_ms"].items() if k != "count"}
+    assert all(row["p50_ms"] > 0 for row in doc["timeseries"] if row["late"] == 0)
+    # A straggler for a sealed bin reopens it rather than being lost.
+    sealed[0].latency.record_us(1_000)
+    assert sealed[0].live is not None and sealed[0].sealed == ""

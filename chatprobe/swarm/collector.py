@@ -34,7 +34,25 @@ class Bin:
     delivered: int = 0
     late: int = 0
     lost: int = 0
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # A live histogram takes ~200 KB (1 µs..1 h at 3 digits); a bin that can no longer
+    # change keeps it compressed instead (a few hundred bytes), so long runs stay flat.
+    live: LatencyHistogram | None = field(default_factory=LatencyHistogram)
+    sealed: str = ""
+
+    @property
+    def latency(self) -> LatencyHistogram:
+        if self.live is None:
+            self.live = LatencyHistogram.decode(self.sealed)  # a straggler: open it again
+            self.sealed = ""
+        return self.live
+
+    def seal(self) -> None:
+        if self.live is not None:
+            self.sealed, self.live = self.live.encode(), None
+
+    def histogram(self) -> LatencyHistogram:
+        """The bin's latencies, without reopening a sealed bin."""
+        return self.live if self.live is not None else LatencyHistogram.decode(self.sealed)
 
 
 @dataclass
@@ -195,6 +213,11 @@ class Collector:
         horizon = now_us - self.grace_us - 2 * self.ledger.deadline_us
         if horizon - self._pruned_until_us > 10_000_000:
             self.ledger.forget_closed_before(horizon)
+            for index in range(max(0, (self._pruned_until_us - self.start_us) // self.bin_us),
+                               max(0, (horizon - self.start_us) // self.bin_us)):
+                old_bin = self.bins.get(index)
+                if old_bin is not None:
+                    old_bin.seal()
             self._pruned_until_us = horizon
 
     def release_held(self) -> list[str]:
@@ -284,7 +307,7 @@ class Collector:
             for name, h in sorted(self.workers.items())}
         merged = LatencyHistogram()
         for time_bin in self.bins.values():
-            merged.merge(time_bin.latency)
+            merged.merge(time_bin.histogram())
         # The per-interval histograms merged must give the run's percentiles back exactly.
         doc["latency_ms_merged_bins"] = merged.summary_ms() | {"count": merged.count}
         doc["examples"] = [self._example(record) for record in
@@ -295,7 +318,7 @@ class Collector:
             {"t_s": round(index * bin_s, 3), "users": b.users,
              "sends_per_s": round(b.sent / bin_s, 3),
              "delivered_per_s": round((b.delivered + b.late) / bin_s, 3),
-             "p50_ms": b.latency.summary_ms()["p50"], "p99_ms": b.latency.summary_ms()["p99"],
+             "p50_ms": (h := b.histogram().summary_ms())["p50"], "p99_ms": h["p99"],
              "late": b.late, "lost": b.lost}
             for index, b in sorted(self.bins.items())]
         return doc
