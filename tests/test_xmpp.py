@@ -124,3 +124,20 @@ def test_two_worker_swarm_against_prosody_reconciles(prosody: ProsodyServer,
     assert doc["sent"] == doc["delivered"] + doc["late"] + doc["lost"]
     assert doc["delivered"] == doc["sent"], doc["connection_events"]
     assert set(doc["generator"]) == {"w0", "w1"}
+
+
+def test_network_profiles_apply_to_xmpp_targets_too(prosody: ProsodyServer,
+                                                    tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "fixtures" / "targets" / "prosody.yaml").read_text())
+    config_path = tmp_path / "prosody.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    uplink = tmp_path / "uplink-80.yaml"
+    uplink.write_text("name: uplink-80\nup: {latency_ms: 80}\n")
+    result = chatprobe("probe", "--target", prosody.url, "--config", str(config_path),
+                       "--messages", "200", "--customers", "5", "--profile", str(uplink),
+                       "--json", str(tmp_path / "out.json"), "--quiet")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["sent"] == doc["delivered"] == 200 and doc["profile"] == "uplink-80"
+    assert doc["latency_ms"]["p50"] >= 80
+    assert doc["proxy"]["customers"]["connections"] >= 5
