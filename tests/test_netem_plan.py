@@ -59,3 +59,6 @@ def test_over_tls_the_upgrade_faults_are_skipped_and_said_so() -> None:
     assert plain["middlebox.upgrade"].emulated
     assert not secure["middlebox.upgrade"].emulated
     assert "TLS" in secure["middlebox.upgrade"].why
+    # ... and the proxy does not build what it cannot apply.
+    assert any(isinstance(f, Upgrade) for f in proxy_faults(profile)())
+    assert not any(isinstance(f, Upgrade) for f in proxy_faults(profile, secure=True)())

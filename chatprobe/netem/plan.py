@@ -30,13 +30,16 @@ KERNEL_NOT_BUILT = "skipped: chatprobe's kernel layer (namespaces, nftables) is 
 PROXY_ONLY = Capabilities(root=False, netns=False, nftables=False, tbf=False, netem=False)
 
 
-def proxy_faults(profile: Profile, seed: int | None = None) -> Callable[[], list[Fault]]:
-    """A factory of fresh fault units per connection for the profile's proxy part."""
+def proxy_faults(profile: Profile, seed: int | None = None,
+                 secure: bool = False) -> Callable[[], list[Fault]]:
+    """A factory of fresh fault units per connection for the profile's proxy part.
+    ``secure``: the target speaks TLS, so the HTTP-aware faults cannot apply (and would
+    only make every connection wait for a request head it never sees in clear)."""
     rng = random.Random(seed)
 
     def build() -> list[Fault]:
         faults: list[Fault] = []
-        if profile.upgrade != "pass":
+        if profile.upgrade != "pass" and not secure:
             faults.append(Upgrade(mode=profile.upgrade, toxicity=profile.upgrade_toxicity))
         for direction, link in ((UP, profile.up), (DOWN, profile.down)):
             # Stall before the link: what waits out a stall then crosses the shaped link at

@@ -33,7 +33,8 @@ async def behind(target_url: str, profile: Profile | None,
     if parts.hostname is None:
         raise HarnessError(f"cannot put a network profile in front of {target_url}")
     port = parts.port or DEFAULT_PORTS.get(parts.scheme, 80)
-    proxy = FaultProxy(parts.hostname, port, proxy_faults(profile, seed),
+    secure = parts.scheme in ("https", "wss")
+    proxy = FaultProxy(parts.hostname, port, proxy_faults(profile, seed, secure),
                        toxicity=profile.toxicity, seed=seed)
     await proxy.start()
     try:

@@ -1,5 +1,5 @@
 """The client side of the reference service's long-polling transport (docs/protocol.md,
-section 9): the same face as :class:`chatprobe.protocols.websocket.WebSocket`, so a
+section 1.1): the same face as :class:`chatprobe.protocols.websocket.WebSocket`, so a
 ``ReconnectingLink`` falls back to it when a proxy strips or refuses the WebSocket upgrade.
 
 One task posts what the client sends (in order, batched while a post is in flight); one

@@ -1,5 +1,5 @@
 """Long-polling transport of the reference service, for clients whose WebSocket upgrade a
-proxy strips or refuses (docs/protocol.md, section 9). The frames are the WebSocket ones;
+proxy strips or refuses (docs/protocol.md, section 1.1). The frames are the WebSocket ones;
 only their carrier changes, so a session behaves the same over either.
 
     POST /lp            -> {"channel": ID}                 open a channel
