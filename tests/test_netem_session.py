@@ -20,6 +20,14 @@ def write_profile(folder: Path, name: str, body: str) -> Path:
     return path
 
 
+def target_without_fallback(folder: Path, extra: str = "") -> Path:
+    """The shipped reference target config with the long-polling fallback switched off."""
+    path = folder / "target.yaml"
+    path.write_text((ROOT / "fixtures" / "targets" / "reference.yaml").read_text()
+                    + "long_poll_fallback: false\n" + extra)
+    return path
+
+
 def test_uplink_latency_of_150_ms_adds_150_ms_to_the_clean_p50(
         reference_service: ServiceProcess, tmp_path: Path) -> None:
     uplink = write_profile(tmp_path, "uplink-150", "up: {latency_ms: 150}\n")
@@ -96,9 +104,7 @@ def test_customers_behind_a_proxy_that_refuses_the_upgrade_fall_back_to_long_pol
 def test_with_the_fallback_disabled_a_refused_upgrade_is_named(
         reference_service: ServiceProcess, tmp_path: Path) -> None:
     refusing = write_profile(tmp_path, "refusing-proxy", "middlebox: {upgrade: refuse}\n")
-    config = tmp_path / "target.yaml"
-    config.write_text((ROOT / "fixtures" / "targets" / "reference.yaml").read_text()
-                      + "long_poll_fallback: false\n")
+    config = target_without_fallback(tmp_path)
     result = chatprobe("probe", "--target", reference_service.base_url, "--messages", "20",
                        "--config", str(config), "--profile", str(refusing), "--json",
                        str(tmp_path / "out.json"), "--quiet")
@@ -205,9 +211,7 @@ def test_a_swarm_whose_customers_cannot_connect_counts_their_messages_lost(
     shape = tmp_path / "shape.yaml"
     shape.write_text("stages:\n  - {duration: 3, users: 5, spawn_rate: 5}\n")
     refusing = write_profile(tmp_path, "refusing-proxy", "middlebox: {upgrade: refuse}\n")
-    config = tmp_path / "target.yaml"
-    config.write_text((ROOT / "fixtures" / "targets" / "reference.yaml").read_text()
-                      + "long_poll_fallback: false\nreconnect_window_s: 0\n")
+    config = target_without_fallback(tmp_path, "reconnect_window_s: 0\n")
     result = chatprobe("swarm", "--target", reference_service.base_url, "--shape", str(shape),
                        "--think-scale", "0.1", "--sla-ms", "1000", "--deadline-ms", "2000",
                        "--config", str(config), "--profile", str(refusing), "--json",

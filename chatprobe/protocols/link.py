@@ -216,6 +216,10 @@ class ReconnectingLink(ABC):
             self.on_event("dead", str(error))
             if self.ws is not None:
                 self._closer = asyncio.get_running_loop().create_task(self.ws.close())
+        self._fail_waiting(error)
+
+    def _fail_waiting(self, error: TargetError) -> None:
+        """Every request and ack still waiting learns ``error`` now, not at its timeout."""
         waiting = list(self.ack_futures.values()) + list(self.other_futures.values())
         self.ack_futures.clear()
         self.other_futures.clear()
@@ -298,14 +302,7 @@ class ReconnectingLink(ABC):
 
     async def close(self) -> None:
         self.closing = True
-        # Whoever still waits (a request, an ack) learns now, not after its timeout.
-        closed = TargetError(Cause.DISCONNECTED, "the session was closed")
-        waiting = list(self.ack_futures.values()) + list(self.other_futures.values())
-        self.ack_futures.clear()
-        self.other_futures.clear()
-        for future in waiting:
-            if not future.done():
-                future.set_exception(closed)
+        self._fail_waiting(TargetError(Cause.DISCONNECTED, "the session was closed"))
         if self.dead is None:
             self.connected.set()  # wakes ask(), which then sees `closing`
         if self.ws is not None:

@@ -33,8 +33,9 @@ class LongPollSocket(Inbox):
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
         self._outgoing: list[str] = []
-        self._posting = False
         self._has_outgoing = asyncio.Event()
+        self._delivered = asyncio.Event()  # set while everything written has been posted
+        self._delivered.set()
         self._background: asyncio.Task[None] | None = None
         self._tasks = [loop.create_task(self._poll_forever()),
                        loop.create_task(self._post_forever())]
@@ -45,6 +46,7 @@ class LongPollSocket(Inbox):
         if self.closed.done():
             raise ConnectionClosedError(None, None)
         self._outgoing.append(message)
+        self._delivered.clear()
         self._has_outgoing.set()
 
     async def send(self, message: str) -> None:
@@ -73,8 +75,7 @@ class LongPollSocket(Inbox):
         if not self.closed.done():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.request_timeout_s):
-                    while (self._outgoing or self._posting) and not self.closed.done():
-                        await asyncio.sleep(0.01)
+                    await self._delivered.wait()  # also set when the channel ends
             if not self.closed.done():
                 await self._delete()
         self._end()
@@ -89,6 +90,7 @@ class LongPollSocket(Inbox):
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
+        self._delivered.set()  # nothing more will be posted: nobody waits for it
         self._wake()
 
     async def _poll_forever(self) -> None:
@@ -121,13 +123,12 @@ class LongPollSocket(Inbox):
                     # In order, at most what the server takes in one request.
                     batch = self._outgoing[:MAX_BATCH]
                     del self._outgoing[:MAX_BATCH]
-                    self._posting = True
                     async with asyncio.timeout(self.request_timeout_s):
                         async with self.http.post(self.channel_url,
                                                   data=orjson.dumps(batch)) as response:
                             if response.status != 200:
                                 return
-                    self._posting = False
+                self._delivered.set()
         except (aiohttp.ClientError, TimeoutError, OSError):
             pass
         finally:

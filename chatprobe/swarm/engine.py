@@ -466,63 +466,57 @@ class WorkerEngine:
         name = f"{self.worker}{round_name}"
         if customer.leaving:
             return
-        recorded = [0]
+        out, codec, script = self.out, self.codec, self.script
+        channels = self.config.channels
+        channel = channels[zlib.crc32(name.encode()) % len(channels)]
+        done = 0  # messages of the plan recorded as sent so far
         try:
-            await self._play_messages(session, customer, name, plan, drop_after, start_us,
-                                      recorded)
+            # The customer opens the chat window, then types: the open overlaps the first
+            # think time. A send held up by the target's answer waited for the target, so
+            # that wait is not the generator's lateness; a generator late to ask still shows.
+            asked_us = customer.connecting_since_us or now_us()
+            customer.connecting_since_us = None
+            opened = await session.open_conversation(name, channel)
+            conversation = customer.conversations[name] = _Conversation(opened.id)
+            # An on-time generator could send no sooner than the round's start plus the time
+            # the target took (connecting, opening); any later is the generator's own delay.
+            earliest_us = start_us + now_us() - asked_us
+            for number, (intended_us, kind, body) in enumerate(plan):
+                # uvloop keeps timers in whole milliseconds and may wake early: a message sent
+                # before its planned time could even arrive "before" it. Sleep until it is due.
+                while (delay_us := intended_us - now_us()) > 0:
+                    await asyncio.sleep(delay_us / 1e6)
+                if customer.leaving:
+                    break  # the user was stopped: the rest of its script never happens
+                sent = now_us()
+                # Latency still counts from the plan; lateness is the generator's own share.
+                lag = sent - max(intended_us, earliest_us)
+                if lag > LATE_SEND_US:
+                    out.late_sends += 1
+                if lag > out.send_lag_max_us:
+                    out.send_lag_max_us = lag
+                seq = number + 1
+                out.sends.append([name, name, seq, intended_us, sent, kind])
+                done = seq
+                text = codec.stamp_text(body, name, name, seq, intended_us)
+                step = script.step_for_seq(seq) if script is not None else None
+                if step is not None and step.expects_reply:
+                    conversation.awaiting_replies.add(seq)
+                    conversation.replies_done.clear()
+                # The ack arrives later; not waiting for it keeps the open-model pace.
+                ack = await session.send(conversation.id, f"{codec.run}-{name}-{seq}", text)
+                ack.add_done_callback(self._ack_recorder(customer.name, name, seq))
+                if number == drop_after and session.drop_connection():
+                    out.events.append(f"{customer.name} dropped its connection")
+            self._spawn(self._close_when_answered(session, customer, name, conversation))
         except TargetError:
-            self._record_unsent(name, plan, recorded[0])
+            self._record_unsent(name, plan, done)
             raise
 
     def _record_unsent(self, name: str, plan: list[Planned], done: int) -> None:
         now = now_us()
         for seq, (intended_us, kind, _) in enumerate(plan[done:], start=done + 1):
             self.out.sends.append([name, name, seq, intended_us, now, kind])
-
-    async def _play_messages(self, session: CustomerSession, customer: _Customer, name: str,
-                             plan: list[Planned], drop_after: int, start_us: int,
-                             recorded: list[int]) -> None:
-        out, codec, script = self.out, self.codec, self.script
-        # The customer opens the chat window, then types: the open overlaps the first think
-        # time. A send held up by the target's answer waited for the target, so that wait
-        # is not the generator's lateness; a generator late to even ask still shows.
-        channels = self.config.channels
-        channel = channels[zlib.crc32(name.encode()) % len(channels)]
-        asked_us = customer.connecting_since_us or now_us()
-        customer.connecting_since_us = None
-        opened = await session.open_conversation(name, channel)
-        conversation = customer.conversations[name] = _Conversation(opened.id)
-        # An on-time generator could send no sooner than the round's start plus the time
-        # the target took (connecting, opening); any later is the generator's own delay.
-        earliest_us = start_us + now_us() - asked_us
-        for number, (intended_us, kind, body) in enumerate(plan):
-            # uvloop keeps timers in whole milliseconds and may wake early: a message sent
-            # before its planned time could even arrive "before" it. Sleep until it is due.
-            while (delay_us := intended_us - now_us()) > 0:
-                await asyncio.sleep(delay_us / 1e6)
-            if customer.leaving:
-                break  # the user was stopped: the rest of its script never happens
-            sent = now_us()
-            # Latency still counts from the plan; lateness is the generator's own share.
-            lag = sent - max(intended_us, earliest_us)
-            if lag > LATE_SEND_US:
-                out.late_sends += 1
-            if lag > out.send_lag_max_us:
-                out.send_lag_max_us = lag
-            seq = number + 1
-            out.sends.append([name, name, seq, intended_us, sent, kind])
-            recorded[0] = seq
-            text = codec.stamp_text(body, name, name, seq, intended_us)
-            step = script.step_for_seq(seq) if script is not None else None
-            if step is not None and step.expects_reply:
-                conversation.awaiting_replies.add(seq)
-                conversation.replies_done.clear()
-            # The ack arrives later; not waiting for it keeps the open-model pace.
-            ack = await session.send(conversation.id, f"{codec.run}-{name}-{seq}", text)
-            ack.add_done_callback(self._ack_recorder(customer.name, name, seq))
-            if number == drop_after and session.drop_connection():
-                out.events.append(f"{customer.name} dropped its connection")
-        self._spawn(self._close_when_answered(session, customer, name, conversation))
 
     async def _close_when_answered(self, session: CustomerSession, customer: _Customer,
                                    name: str, conversation: _Conversation) -> None:
