@@ -4,14 +4,17 @@ locustfile, and how many idle customers one worker holds. Run in one go on this 
     .venv/bin/python benchmarks/bench_swarm.py [--seconds 15] [--idle 10000]
 
 (a) stamped messages/s one worker sustains with every message confirmed by a probe agent
-    (chatprobe swarm, 1 worker process plus its master, against the reference service with
-    an in-memory database), stepping the load up until the run is invalid (the generator
-    fell behind its plan);
+    (chatprobe swarm, 1 worker process plus its master, the shopper script: open, 5 messages,
+    3 agent replies, close, 10 % of customers reconnecting), stepping the load up until the
+    run is invalid (the generator fell behind its plan). The target is
+    benchmarks/relay_server.py, a lean relay speaking the reference protocol, so that the
+    worker and not the target is measured, as (b)'s echo server is not; `--target service`
+    uses the reference chat service (in-memory database) instead;
 (b) round trips/s of a plain locustfile (websocket-client, send and wait for the echo) with
     the same number of users, and the ratio (a)/(b);
 (c) concurrent idle customers one worker holds, and memory per customer.
-Everything runs on loopback; all three share this machine's cores with their servers, which
-the output says alongside the numbers.
+Everything runs on loopback and shares this machine's cores; each line says how busy the
+generator and its server were, so the reader sees which one was the bottleneck.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout_s:g} s")
+
+
 def start_service() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, "-m", "chatprobe.cli", "serve", "--port", "0",
                              "--db", ":memory:", "--admin-token", "bench"],
@@ -52,34 +67,86 @@ def start_service() -> tuple[subprocess.Popen[str], str]:
     return proc, line.rsplit(" ", 1)[1].strip()
 
 
-def swarm_level(url: str, users: int, think_scale: float, seconds: float) -> dict[str, Any]:
+def start_relay() -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "relay_server.py"),
+                             str(port)], text=True)
+    wait_for_port(port)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def cpu_shares(watch: dict[str, psutil.Process], seconds: float) -> dict[str, float]:
+    """Percent of one core each process used over ``seconds`` (sampled mid-run)."""
+    for process in watch.values():
+        process.cpu_percent()
+    time.sleep(seconds)
+    shares = {}
+    for name, process in watch.items():
+        try:
+            shares[name] = process.cpu_percent()
+        except psutil.Error:
+            shares[name] = float("nan")
+    return shares
+
+
+def locust_processes(started_after: float) -> dict[str, psutil.Process]:
+    """The swarm's Locust master and worker: the master forks the worker, so the worker is
+    the Locust process whose parent is Locust too."""
+    found: dict[str, psutil.Process] = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "locust" not in " ".join(process.cmdline()):
+                continue
+            parent = process.parent()
+            is_worker = parent is not None and "locust" in " ".join(parent.cmdline())
+        except psutil.Error:
+            continue
+        if process.create_time() >= started_after - 1:
+            found["worker" if is_worker else "master"] = process
+    return found
+
+
+def swarm_level(url: str, server: subprocess.Popen[str], users: int, think_scale: float,
+                seconds: float) -> dict[str, Any]:
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as folder:
         shape = Path(folder) / "flat.yaml"
         shape.write_text(f"stages:\n  - {{duration: {seconds}, users: {users}, "
                          f"spawn_rate: {users}}}\n")
         # One worker process with the master beside it, as a distributed swarm runs: the
         # worker generates and confirms; the master keeps the ledger and Locust's stats.
-        doc = run_swarm(SwarmOptions(target=url, shape=str(shape), think_scale=think_scale,
-                                     admin_token="bench", deadline_ms=5000.0,
-                                     separate_master=True))
+        options = SwarmOptions(target=url, shape=str(shape), think_scale=think_scale,
+                               admin_token="bench", deadline_ms=5000.0, separate_master=True)
+        started = time.time()
+        runner = threading.Thread(target=lambda: result.setdefault("doc", run_swarm(options)))
+        runner.start()
+        time.sleep(min(5.0, seconds / 3))  # past the spawn, into the steady part
+        watch = {"server": psutil.Process(server.pid), **locust_processes(started)}
+        shares = cpu_shares(watch, min(5.0, seconds / 3))
+        runner.join()
+    doc = result["doc"]
     series = [row for row in doc["timeseries"] if row["users"] == users]
     steady = series[1:-1] or series
     rate = sum(r["delivered_per_s"] for r in steady) / max(1, len(steady))
     return {"users": users, "delivered_per_s": rate, "valid": doc["valid"],
             "lost": doc["lost"], "p99_ms": doc["latency_ms"]["p99"],
-            "why": doc["invalid_reasons"]}
+            "why": doc["invalid_reasons"], "cpu": shares}
 
 
-def bench_a(seconds: float) -> tuple[float, int]:
-    proc, url = start_service()
+def describe_cpu(shares: dict[str, float]) -> str:
+    return ", ".join(f"{name} {share:.0f} %" for name, share in shares.items())
+
+
+def bench_a(seconds: float, target: str) -> tuple[float, int]:
+    proc, url = start_relay() if target == "relay" else start_service()
     best, best_users = 0.0, 0
     try:
         # Each user sends 5 messages per script round; think_scale 0.01 -> ~48 messages/s.
-        for users in (80, 120, 140, 160, 180, 200, 240, 300):
-            level = swarm_level(url, users, 0.01, seconds)
+        for users in (40, 60, 80, 100, 120, 140, 160, 200, 240, 300):
+            level = swarm_level(url, proc, users, 0.01, seconds)
             print(f"  (a) {users:>4} users: {level['delivered_per_s']:>8.0f} delivered/s, "
-                  f"valid={level['valid']}, lost={level['lost']}, p99={level['p99_ms']} ms",
-                  flush=True)
+                  f"valid={level['valid']}, lost={level['lost']}, p99={level['p99_ms']} ms; "
+                  f"CPU of one core: {describe_cpu(level['cpu'])}", flush=True)
             if not level["valid"]:
                 print(f"      invalid: {'; '.join(level['why'])}", flush=True)
                 break
@@ -92,31 +159,30 @@ def bench_a(seconds: float) -> tuple[float, int]:
     return best, best_users
 
 
-def bench_b(users: int, seconds: float) -> float:
+def bench_b(users: int, seconds: float) -> tuple[float, dict[str, float]]:
     port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "echo_server.py"),
                                str(port)])
     try:
-        import time
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        wait_for_port(port)
         with tempfile.TemporaryDirectory() as folder:
             prefix = Path(folder) / "echo"
-            subprocess.run([sys.executable, "-m", "locust", "-f",
-                            str(ROOT / "benchmarks" / "plain_echo_locustfile.py"), "--headless",
-                            "--host", f"ws://127.0.0.1:{port}/", "-u", str(users), "-r",
-                            str(users), "-t", f"{int(seconds)}s", "--csv", str(prefix),
-                            "--only-summary", "--loglevel", "ERROR"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           cwd=ROOT)
+            locust = subprocess.Popen([sys.executable, "-m", "locust", "-f",
+                                       str(ROOT / "benchmarks" / "plain_echo_locustfile.py"),
+                                       "--headless", "--host", f"ws://127.0.0.1:{port}/",
+                                       "-u", str(users), "-r", str(users), "-t",
+                                       f"{int(seconds)}s", "--csv", str(prefix),
+                                       "--only-summary", "--loglevel", "ERROR"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      cwd=ROOT)
+            time.sleep(min(5.0, seconds / 3))
+            shares = cpu_shares({"server": psutil.Process(server.pid),
+                                 "locust": psutil.Process(locust.pid)}, min(5.0, seconds / 3))
+            if locust.wait() != 0:
+                raise SystemExit(f"the plain locustfile failed (exit {locust.returncode})")
             with open(f"{prefix}_stats.csv", newline="") as handle:
                 rows = {row["Name"]: row for row in csv.DictReader(handle)}
-            return float(rows["Aggregated"]["Requests/s"])
+            return float(rows["Aggregated"]["Requests/s"]), shares
     finally:
         server.terminate()
         server.wait()
@@ -151,14 +217,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--target", choices=("relay", "service"), default="relay",
+                        help="what (a) runs against: the lean relay or the reference service")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; servers, generator and Locust share them")
-    best, users = bench_a(args.seconds)
-    print(f"(a) chatprobe swarm, 1 worker: {best:,.0f} stamped messages/s sustained, every one "
-          f"confirmed by a probe agent ({users} users)")
-    echo = bench_b(users or 100, args.seconds)
+    best, users = bench_a(args.seconds, args.target)
+    print(f"(a) chatprobe swarm, 1 worker ({args.target}): {best:,.0f} stamped messages/s "
+          f"sustained, every one confirmed by a probe agent ({users} users)")
+    echo, shares = bench_b(users or 100, args.seconds)
     print(f"(b) plain locustfile (websocket-client echo), {users or 100} users: "
-          f"{echo:,.0f} round trips/s")
+          f"{echo:,.0f} round trips/s; CPU of one core: {describe_cpu(shares)}")
     print(f"    ratio (a)/(b) = {best / echo:.2f}  (target >= 1.0; aim 2.0)")
     held, per_customer = bench_c(args.idle)
     print(f"(c) idle customers held by one process: {held:,}, "
