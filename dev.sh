@@ -31,7 +31,7 @@ ensure_venv() {
 }
 
 # Third-party chat servers the test suite probes (docs: shared design real-targets.md).
-TEST_DEBIAN_PACKAGES=(prosody ejabberd)
+TEST_DEBIAN_PACKAGES=(prosody ejabberd prometheus-pushgateway)
 
 ensure_debian_packages() {
     local missing=()

@@ -1,4 +1,4 @@
-"""The `chatprobe` command: serve, probe, demo.
+"""The `chatprobe` command: serve, probe, swarm, demo, profiles, canary, history.
 
 Every user error ends in one line on stderr and exit 3 (the harness could not run); a broken
 target ends in the summary (or one line) and exit 2. No traceback reaches the user.
@@ -113,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start the reference service and run a short swarm")
     _swarm_arguments(demo)
     demo.set_defaults(duration=30.0, think_scale=0.2)
+
+    canary = sub.add_parser("canary", help="one bounded canary run, for cron (exit 0/1/2/3 "
+                            "and one status line)")
+    canary.add_argument("--config", type=Path, required=True, metavar="FILE",
+                        help="canary config (see fixtures/canary-demo.yaml)")
+    canary.add_argument("--json", type=Path, metavar="PATH", help="write the run as JSON")
+
+    history = sub.add_parser("history", help="canary availability and latency per target "
+                             "over the last hour, day and week, and recent failures")
+    where = history.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, metavar="FILE", help="canary config")
+    where.add_argument("--db", type=Path, metavar="PATH", help="the history store itself")
+    history.add_argument("--stale-after", type=_positive_float, metavar="SECONDS",
+                         help="no run for this long means the canary stopped (default: "
+                         "the config's stale_after_s, 180)")
+    history.add_argument("--failures", type=_positive_int, default=10,
+                         help="how many recent failures to list")
     return parser
 
 
@@ -379,6 +396,47 @@ class ServiceSubprocess:
             self.proc.wait(timeout=10)
 
 
+def cmd_canary(args: argparse.Namespace) -> int:
+    from chatprobe.canary.config import load_canary
+    from chatprobe.canary.runner import run_canary
+
+    try:
+        config = load_canary(args.config)
+        run, problems = run_canary(config, args.json)
+    except HarnessError as exc:
+        # Cron and Nagios read one line: the harness could not run, which is UNKNOWN.
+        print(f"CHATPROBE CANARY UNKNOWN - {exc}")
+        return int(Status.UNKNOWN)
+    print(run.status_line())
+    for problem in problems:
+        print(f"chatprobe canary: {problem}", file=sys.stderr)
+    return int(run.status)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from chatprobe.canary.history import HistoryStore, render_history
+
+    stale_after = args.stale_after
+    if args.config is not None:
+        from chatprobe.canary.config import load_canary
+
+        config = load_canary(args.config)
+        path = config.history
+        stale_after = stale_after or config.stale_after_s
+    else:
+        path = args.db
+        if not path.exists():
+            raise HarnessError(f"no canary history at {path}")
+    store = HistoryStore(path)
+    try:
+        text, stale = render_history(store, time.time(), stale_after or 180.0, args.failures)
+    finally:
+        store.close()
+    print(text)
+    # A stopped canary is itself an alarm: exit 2 lets a second monitor catch it.
+    return int(Status.CRITICAL if stale else Status.OK)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from chatprobe.service.runner import serve
 
@@ -388,7 +446,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"serve": cmd_serve, "probe": cmd_probe, "swarm": cmd_swarm, "demo": cmd_demo,
-                "profiles": cmd_profiles}
+                "profiles": cmd_profiles, "canary": cmd_canary, "history": cmd_history}
     try:
         return handlers[args.command](args)
     except HarnessError as exc:

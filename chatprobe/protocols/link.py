@@ -45,10 +45,13 @@ async def open_websocket(url: str, config: TargetConfig,
                                                  f"{exc.response.status_code}") from None
     except InvalidHandshake as exc:
         raise TargetError(Cause.PROTOCOL, f"WebSocket handshake failed: {exc}") from None
-    except (OSError, TimeoutError) as exc:
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-            str(exc) or type(exc).__name__)
-        raise TargetError(Cause.TRANSPORT, f"{url}: {detail}") from None
+    except TimeoutError:
+        # A refused or unreachable host fails at once; silence means something hangs.
+        raise TargetError(Cause.TRANSPORT, f"{url}: no answer within "
+                                           f"{config.connect_timeout_s:g} s (the target or "
+                                           "the network hangs)") from None
+    except OSError as exc:
+        raise TargetError(Cause.TRANSPORT, f"{url}: {exc.strerror or exc}") from None
 
 
 class SeenIds:

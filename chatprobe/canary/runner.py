@@ -1,0 +1,204 @@
+"""`chatprobe canary`: one bounded run of the canary suite, for cron (edge).
+
+A lock keeps two runs from overlapping; the suite (probes/, pytest) runs in a child process
+of its own session that is killed at the budget, whatever the target does; every result the
+suite recorded before that is kept. Then the run goes into the history store, the metrics
+and the alert state. Harness problems make the run UNKNOWN, never CRITICAL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from urllib.parse import urlsplit
+
+from chatprobe.canary.config import CanaryConfig
+from chatprobe.canary.history import HistoryStore
+from chatprobe.canary.model import CanaryRun, CheckResult
+from chatprobe.diagnosis import Cause
+from chatprobe.errors import HarnessError
+from chatprobe.paths import project_root
+
+# Kept back from the budget for what follows the checks (history, metrics, alerts).
+RESERVE_S = 3.0
+KILL_GRACE_S = 1.5  # the suite's own deadline comes first; this only catches a stuck child
+HOST_CAUSES = frozenset({Cause.TRANSPORT.value})
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT during a run: stop, keep what was measured, mark it partial."""
+
+
+@contextlib.contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """Exclusive for the run's lifetime; a second run fails at once (no waiting in cron).
+    The kernel drops the lock when the holder dies, so a crash never leaves it stuck."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="ascii")  # noqa: SIM115 (held for the run)
+    except OSError as exc:
+        raise HarnessError(f"cannot open the canary lock {path}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise HarnessError(f"another canary run is in progress (pid {holder} holds "
+                               f"{path}); this one did not start") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def new_run_id(now: float) -> str:
+    return f"canary-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{secrets.token_hex(2)}"
+
+
+def read_results(path: Path) -> list[CheckResult]:
+    results: list[CheckResult] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return results
+    for line in lines:
+        # A line cut short by a kill mid-write is the only one that can be broken.
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            results.append(CheckResult.from_json(json.loads(line)))
+    return results
+
+
+def reachable(url: str, timeout_s: float = 2.0) -> bool:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme in ("https", "wss") else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _suite_command(config: CanaryConfig, results: Path, deadline: float,
+                   run_id: str) -> list[str]:
+    command = [sys.executable, "-m", "pytest", str(project_root() / "probes"), "-q",
+               "--no-header", "-p", "no:cacheprovider", "-o", "addopts=",
+               "--canary-config", str(config.source), "--canary-results", str(results),
+               "--canary-deadline", f"{deadline:.3f}", "--canary-run-id", run_id]
+    if config.alluredir is not None:
+        command += ["--alluredir", str(config.alluredir)]
+    return command
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path) -> None:
+    """Run probes/ in a child process until done or the budget; fill ``run.results``."""
+    deadline = run.started + config.budget_s - RESERVE_S
+    with tempfile.TemporaryDirectory(prefix="chatprobe-canary-") as folder:
+        results_path = Path(folder) / "results.jsonl"
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(_suite_command(config, results_path, deadline, run.run_id),
+                                    stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=project_root(),
+                                    start_new_session=True)
+            previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+            try:
+                returncode: int | None = proc.wait(
+                    timeout=max(0.1, deadline + KILL_GRACE_S - time.time()))
+            except subprocess.TimeoutExpired:
+                returncode = None
+                run.harness_error = (f"the suite overran the {config.budget_s:g} s budget "
+                                     "and was stopped")
+            except (KeyboardInterrupt, Interrupted) as exc:
+                returncode = None
+                run.harness_error = f"interrupted ({exc or 'SIGINT'}); results are partial"
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        run.results = read_results(results_path)
+    expected = config.check_ids()
+    got = {r.check_id for r in run.results}
+    run.partial = any(check not in got for check in expected)
+    if run.partial and run.harness_error is None:
+        run.harness_error = (f"the suite ended (pytest exit {returncode}) before every check "
+                             f"had run; its output is in {log_path}")
+
+
+def _host_broken(config: CanaryConfig, run: CanaryRun) -> bool:
+    """Every check failed for want of a connection, and the control address (something the
+    canary's host can always reach when its own network works) cannot be reached either."""
+    if config.control_url is None or not run.results:
+        return False
+    if not all(r.cause in HOST_CAUSES for r in run.results):
+        return False
+    return not reachable(config.control_url)
+
+
+def run_canary(config: CanaryConfig, json_path: Path | None = None) -> tuple[CanaryRun,
+                                                                               list[str]]:
+    """One canary run. Returns the run and the problems of its side jobs (metrics,
+    alerts), which are reported but never change what the run found."""
+    started = time.time()
+    run = CanaryRun(new_run_id(started), started)
+    problems: list[str] = []
+    with run_lock(config.lock):
+        log_path = config.history.with_name(config.history.name + ".last-run.log")
+        config.history.parent.mkdir(parents=True, exist_ok=True)
+        run_suite(config, run, log_path)
+        run.host_broken = _host_broken(config, run)
+        run.duration_s = time.time() - started
+        store = HistoryStore(config.history)
+        try:
+            store.append(run)
+            store.prune(config.retention_days * 86400, time.time())
+            problems += _side_jobs(config, run, store)
+        finally:
+            store.close()
+    if json_path is not None:
+        try:
+            json_path.write_text(json.dumps(run.to_json(), indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            problems.append(f"cannot write {json_path}: {exc.strerror}")
+    return run, problems
+
+
+def _side_jobs(config: CanaryConfig, run: CanaryRun, store: HistoryStore) -> list[str]:
+    problems: list[str] = []
+    if config.prometheus is not None:
+        from chatprobe.canary.metrics import export
+
+        hour = {f.target: f.availability for f in store.figures(time.time() - 3600,
+                                                                "last hour")
+                if f.availability is not None}
+        problems += export(run, hour, config.prometheus)
+    if config.alert is not None:
+        from chatprobe.canary.alerts import decide, deliver, state_from_json, state_to_json
+
+        state = state_from_json(store.get_state("alerts") or {})
+        state, alerts = decide(state, run, config.alert.after_failures, time.time())
+        # An alert the webhook did not take stays pending in the state for the next run.
+        state, sent_problems = deliver(state, alerts, config.alert)
+        problems += sent_problems
+        store.set_state("alerts", state_to_json(state))
+    return problems
