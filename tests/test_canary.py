@@ -473,3 +473,26 @@ def test_when_only_the_canary_host_is_broken_nobody_is_paged(tmp_path: Path) -> 
         assert hook.drain() == []
     finally:
         hook.stop()
+
+
+def test_the_demo_config_works_against_a_service_started_with_defaults(
+        tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", 8765)) == 0:
+            message = "something already listens on 127.0.0.1:8765, the demo config's target"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    # Defaults as documented: port 8765, the demo shop; only the database is kept apart.
+    service = ServiceProcess(tmp_path / "service.sqlite3", port=8765).start()
+    try:
+        env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+        result = subprocess.run([sys.executable, "-m", "chatprobe.cli", "canary", "--config",
+                                 str(ROOT / "fixtures" / "canary-demo.yaml")],
+                                capture_output=True, text=True, cwd=tmp_path, env=env,
+                                timeout=scaled(90), stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.startswith("CHATPROBE CANARY OK - 8/8 checks OK")
+        assert (tmp_path / "state" / "chatprobe" / "canary.sqlite3").exists()
+    finally:
+        service.stop()
