@@ -210,13 +210,27 @@ def _report_doc(args: argparse.Namespace, doc: dict[str, Any], started_s: float)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=2), encoding="utf-8")
         if args.alluredir is not None:
-            from chatprobe.allure_results import write_probe_result
-
-            write_probe_result(args.alluredir, doc, table, started_s)
+            _write_allure(args, doc, table, started_s)
     except OSError as exc:
         print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
     return _exit_code(doc)
+
+
+def _write_allure(args: argparse.Namespace, doc: dict[str, Any], table: str,
+                  started_s: float) -> None:
+    """Allure results: a swarm (it has a time series) per profile x SLO, a probe per
+    profile."""
+    from chatprobe.report.results import SwarmSlos, write_probe_results, write_swarm_results
+
+    config = _target_config(args)
+    first = (doc.get("profiles") or [doc])[0]
+    if "timeseries" in first:
+        write_swarm_results(args.alluredir, doc, table, started_s,
+                            SwarmSlos(p99_ms=float(first["sla_ms"])), config,
+                            scenario=str(first.get("shape") or args.shape))
+    else:
+        write_probe_results(args.alluredir, doc, table, started_s, config)
 
 
 def _exit_code(doc: dict[str, Any]) -> int:
@@ -278,10 +292,7 @@ def _report_profiles(args: argparse.Namespace, documents: list[dict[str, Any]],
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(combined, indent=2), encoding="utf-8")
         if args.alluredir is not None:
-            from chatprobe.allure_results import write_probe_result
-
-            for doc in documents:
-                write_probe_result(args.alluredir, doc, render_table(doc), started)
+            _write_allure(args, combined, render_side_by_side(documents), started)
     except OSError as exc:
         print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN

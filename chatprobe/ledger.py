@@ -49,6 +49,12 @@ class Receipt(StrEnum):
     EARLY = "early"  # receipt reported before its send (distributed runs): held until then
 
 
+def stamp_fields(run: str, record: MessageRecord) -> str:
+    """A message's stamp as evidence: the signed fields, without the signature."""
+    return (f"cp:{run}:{record.sender}:{record.conversation}:{record.seq}:"
+            f"{record.intended_us:x}")
+
+
 class MessageRecord:
     """One stamped message and every hop chatprobe saw for it (times in µs, run clock)."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from chatprobe.config import TargetConfig
 from chatprobe.diagnosis import Cause, Diagnosis, Evidence, diagnose
 from chatprobe.errors import TargetError
-from chatprobe.ledger import Ledger, MessageRecord
+from chatprobe.ledger import Ledger, MessageRecord, stamp_fields
 from chatprobe.protocols.base import (
     Ack,
     Adapter,
@@ -312,11 +312,15 @@ async def _explain(adapter: Adapter, config: TargetConfig, options: ProbeOptions
         if len(summary.examples) < options.example_limit:
             summary.examples.append({
                 "outcome": outcome, "cause": diagnosis.cause.value,
+                "stamp": stamp_fields(ledger.codec.run, record),
                 "conversation": record.conversation, "seq": record.seq,
                 "server_id": record.server_id,
-                "latency_ms": None if record.latency_us is None else record.latency_us / 1000,
+                "agent": conv.agent if conv is not None else None,
+                # Hops, in ms after the planned send time: sent, acked, received.
+                "sent_after_ms": (record.sent_us - record.intended_us) / 1000,
                 "acked_after_ms": None if record.ack_us is None
                 else (record.ack_us - record.intended_us) / 1000,
+                "latency_ms": None if record.latency_us is None else record.latency_us / 1000,
                 "receiver": record.receiver, "platform": hops,
             })
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatprobe.histogram import LatencyHistogram
-from chatprobe.ledger import Ledger, MessageRecord, Outcome
+from chatprobe.ledger import Ledger, MessageRecord, Outcome, stamp_fields
 from chatprobe.stamp import StampCodec
 from chatprobe.verdict import RunSummary
 
@@ -267,6 +267,7 @@ class Collector:
     def _example(self, record: MessageRecord) -> dict[str, Any]:
         """A lost or late message as evidence: which one, when in the run, who got it."""
         return {"outcome": record.outcome.value, "kind": record.kind,
+                "stamp": stamp_fields(self.ledger.codec.run, record),
                 "conversation": record.conversation, "seq": record.seq,
                 "sender": record.sender,
                 "planned_at_s": round((record.intended_us - self.start_us) / 1e6, 3),

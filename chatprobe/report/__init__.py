@@ -1,0 +1,1 @@
+"""Allure results, plots and the HTML report (issue 7)."""
