@@ -13,6 +13,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from chatprobe.histogram import LatencyHistogram
 
@@ -28,6 +29,12 @@ def _png(figure: Figure) -> bytes:
 
 def _series(document: dict[str, Any], key: str) -> list[float]:
     return [float(row.get(key) or 0.0) for row in document.get("timeseries") or []]
+
+
+def _latency(document: dict[str, Any], key: str) -> list[float]:
+    """A latency series with gaps where nothing was delivered (not a fake drop to 0)."""
+    return [float(row[key]) if row.get(key) and row.get("delivered_per_s", 1) else math.nan
+            for row in document.get("timeseries") or []]
 
 
 def _label(document: dict[str, Any]) -> str:
@@ -50,14 +57,21 @@ def latency_over_time(documents: list[dict[str, Any]]) -> bytes:
     for index, document in enumerate(documents):
         axis = figure.add_subplot(len(documents), 1, index + 1)
         times = _series(document, "t_s")
-        axis.plot(times, _series(document, "p50_ms"), label="p50", color="tab:blue")
-        axis.plot(times, _series(document, "p99_ms"), label="p99", color="tab:red")
-        sla = document.get("sla_ms")
-        if sla:
-            axis.axhline(float(sla), color="tab:red", linestyle=":", linewidth=1,
-                         label=f"SLA {float(sla):g} ms")
+        p99 = _latency(document, "p99_ms")
+        axis.plot(times, _latency(document, "p50_ms"), label="p50", color="tab:blue")
+        axis.plot(times, p99, label="p99", color="tab:red")
+        sla = float(document.get("sla_ms") or 0)
+        highest = max((v for v in p99 if not math.isnan(v)), default=0.0)
+        title = f"latency and load over time [{_label(document)}]"
+        # The SLA line only where it does not flatten the curves it is compared with.
+        if sla and highest > sla / 3:
+            axis.axhline(sla, color="tab:red", linestyle=":", linewidth=1,
+                         label=f"SLA {sla:g} ms")
+        elif sla:
+            title += f" (SLA {sla:g} ms, off the scale)"
+        axis.set_ylim(bottom=0)
         axis.set_ylabel("latency (ms)")
-        axis.set_title(f"latency and load over time [{_label(document)}]")
+        axis.set_title(title)
         load = axis.twinx()
         load.fill_between(times, _series(document, "users"), step="post", alpha=0.15,
                           color="tab:gray", label="users")
@@ -107,6 +121,8 @@ def latency_by_profile(documents: list[dict[str, Any]]) -> bytes:
     axis.set_xticks(positions, [f"p{p:g}" for p in PERCENTILES])
     axis.set_ylabel("latency (ms)")
     axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(ScalarFormatter())
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
     axis.set_title("latency distribution per network profile")
     axis.grid(True, which="both", alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
