@@ -412,8 +412,15 @@ def test_targets_run_side_by_side_and_write_allure_results(
     assert len(allure_results) == len(checks)
     by_name = {r["name"]: r for r in allure_results}
     failed = [r for r in allure_results if r["status"] == "failed"]
-    assert len(failed) == 4 and all("transport.unreachable" in r["statusDetails"]["message"]
-                                    for r in failed)
+    assert len(failed) == 4 and all(
+        r["statusDetails"]["message"].startswith("Failed: [network/firewall] gone/probe-1/web/")
+        and "transport.unreachable" in r["statusDetails"]["message"] for r in failed)
+    assert all(any(a["name"] == "check result" for a in r["attachments"])
+               for r in allure_results)
+    from tests.test_report_results import category_matching
+
+    assert all(category_matching(r["statusDetails"]["message"]) == ["network/firewall"]
+               for r in failed)
     labels = {(label["name"], label["value"]) for r in by_name.values()
               for label in r["labels"]}
     assert {("epic", "shop"), ("epic", "gone"), ("feature", "probe-2"),

@@ -17,6 +17,7 @@ import pytest
 from chatprobe.canary.checks import CheckSettings, check_target
 from chatprobe.canary.config import CanaryConfig
 from chatprobe.canary.model import CheckResult
+from chatprobe.report.categories import category_of, message
 from chatprobe.verdict import Status
 
 
@@ -77,12 +78,16 @@ def report(result: CheckResult) -> None:
         if result.latency_ms is not None:
             # Volatile: excluded from the history key so runs of one check line up.
             dynamic.parameter("latency_ms", round(result.latency_ms, 1), excluded=True)
+        attach: Any = allure.attach
+        attach(json.dumps(result.to_json(), indent=2), name="check result",
+               attachment_type=allure.attachment_type.JSON)
     except ImportError:  # allure-pytest is optional for a hand run
         pass
     if result.status is Status.UNKNOWN:
         pytest.skip(result.detail)
     if result.status is Status.CRITICAL:
-        pytest.fail(result.line(), pytrace=False)
+        # The category prefix sorts the failure in the report (chatprobe.report.categories).
+        pytest.fail(message(category_of(result.cause), result.line()), pytrace=False)
     if result.status is Status.WARNING:
         import warnings
 

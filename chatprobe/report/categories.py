@@ -69,8 +69,9 @@ def allure_categories() -> list[dict[str, Any]]:
         rules.append({
             "name": name,
             # Java's matches() needs the whole message, JavaScript's test() a part: this
-            # pattern means the same to both.
-            "messageRegex": f"^\\[{prefix}\\][\\s\\S]*$",
+            # pattern means the same to both. pytest.fail() messages reach Allure as
+            # "Failed: <message>".
+            "messageRegex": f"^(Failed: )?\\[{prefix}\\][\\s\\S]*$",
             "matchedStatuses": ["broken"] if name == HARNESS else ["failed"],
         })
     return rules
