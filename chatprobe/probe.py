@@ -26,6 +26,7 @@ from chatprobe.protocols.base import (
     AgentSession,
     Conversation,
     CustomerSession,
+    Frame,
     adapter_for,
 )
 from chatprobe.stamp import StampCodec
@@ -42,6 +43,10 @@ QUESTIONS = (
     "Hello? I asked about order {o} an hour ago and nobody answered.",
 )
 SIZES = ("S", "M", "L", "XL", "38", "39", "42")
+FRAME_LOG = 400  # frames each probe session keeps for the evidence of lost messages
+FRAMES_BEFORE_US = 2_000_000
+FRAMES_SHOWN = 30
+FRAME_CHARS = 500
 
 
 def customer_body(rng: random.Random) -> str:
@@ -100,6 +105,7 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
     adapter = adapter_for(config.protocol)(target_url, config)
     agent_adapter = adapter if agent_url in (None, target_url) else adapter_for(
         config.protocol)(agent_url or target_url, config)
+    adapter.frame_log_size = agent_adapter.frame_log_size = FRAME_LOG
     agents: dict[str, AgentSession] = {}
     customers: list[CustomerSession] = []
     try:
@@ -118,7 +124,7 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
         await _wait_for_outcomes(state, agents, options)
         ledger.finish()
         await _explain(agent_adapter, config, options, state, agents, conversations,
-                       summary)
+                       summary, customers)
     finally:
         for agent_session in agents.values():
             await agent_session.close()
@@ -265,13 +271,15 @@ async def _wait_for_outcomes(state: _RunState, agents: dict[str, AgentSession],
 
 async def _explain(adapter: Adapter, config: TargetConfig, options: ProbeOptions,
                    state: _RunState, agents: dict[str, AgentSession],
-                   conversations: list[Conversation], summary: RunSummary) -> None:
+                   conversations: list[Conversation], summary: RunSummary,
+                   customers: list[CustomerSession]) -> None:
     ledger = state.ledger
     probe_agents = frozenset(agents)
     profiles = tuple(a.profile for a in agents.values())
     failures = {name: a.failure for name, a in agents.items() if a.failure is not None}
     all_dead = bool(agents) and len(failures) == len(agents)
     by_name = {f"c{i}": conv for i, conv in enumerate(conversations)}
+    by_customer = {f"c{i}": session for i, session in enumerate(customers)}
     to_explain = [("lost", r) for r in ledger.lost_records] + [
         ("late", r) for r in ledger.late_records]
     for index, (outcome, record) in enumerate(to_explain):
@@ -322,7 +330,27 @@ async def _explain(adapter: Adapter, config: TargetConfig, options: ProbeOptions
                 else (record.ack_us - record.intended_us) / 1000,
                 "latency_ms": None if record.latency_us is None else record.latency_us / 1000,
                 "receiver": record.receiver, "platform": hops,
+                "frames": _frames_around(record, config, by_customer.get(record.conversation),
+                                         agents),
             })
+
+
+def _frames_around(record: MessageRecord, config: TargetConfig,
+                   customer: CustomerSession | None,
+                   agents: dict[str, AgentSession]) -> list[dict[str, object]]:
+    """The frames on the customer's and the agents' connections from shortly before the
+    message was due until its deadline, nearest first cut to a page, then in time order."""
+    start = record.intended_us - FRAMES_BEFORE_US
+    end = record.intended_us + int(config.deadline_ms * 1000)
+    links: list[tuple[str, list[Frame]]] = [(f"agent {name}", session.recent_frames())
+                                             for name, session in agents.items()]
+    if customer is not None:
+        links.insert(0, (f"customer {record.conversation}", customer.recent_frames()))
+    found = [(at - record.intended_us, link, way, text)
+             for link, kept in links for at, way, text in kept if start <= at <= end]
+    nearest = sorted(sorted(found, key=lambda frame: abs(frame[0]))[:FRAMES_SHOWN])
+    return [{"at_ms": at / 1000, "link": link, "direction": way, "frame": text[:FRAME_CHARS]}
+            for at, link, way, text in nearest]
 
 
 def _channel_of(config: TargetConfig, conversation: str) -> str:

@@ -74,6 +74,11 @@ def test_a_probe_with_injected_loss_shows_each_lost_message_as_platform_loss(
         hops = [hop["name"] for hop in step["steps"]]
         assert hops[0] == "planned send: +0.0 ms" and hops[-1] == "received: never"
         assert hops[2].startswith("acked by the platform: +")
+        # The frames around it: the customer's own send of this very message is among them.
+        (frames,) = [a for a in step["attachments"] if a["name"] == "frames around it.txt"]
+        conversation, seq = re.fullmatch(r"lost (c\d+) #(\d+): .*", step["name"]).groups()
+        assert (f'"client_msg_id":"{doc["run"]}-{conversation}-{seq}"'
+                in (allure / frames["source"]).read_text())
     names = {a["name"] for a in found["attachments"]}
     assert {"lost and late messages.html", "summary.json", "configuration.json"} <= names
     for attachment in found["attachments"]:
@@ -144,3 +149,14 @@ def test_a_swarm_across_two_profiles_gives_one_result_per_profile_and_slo_with_p
         assert run_parameter and run_parameter[0]["excluded"] is True
     assert len({r["historyId"] for r in found}) == 6
     assert_no_secrets(allure, (*TOKENS, reference_service.admin_token))
+
+
+def test_credentials_in_frames_are_masked() -> None:
+    from chatprobe.report.results import mask_secrets, public_url
+
+    frame = '{"type":"hello","role":"agent","agent":"probe-1","token":"demo-probe-1-token"}'
+    assert mask_secrets(frame) == ('{"type":"hello","role":"agent","agent":"probe-1",'
+                                   '"token":"******"}')
+    assert "s3cret" not in mask_secrets('{"Password": "s3cret", "x": 1}')
+    assert public_url("https://user:pw@chat.example:8443/ws?token=abc#x") == (
+        "https://chat.example:8443/ws")

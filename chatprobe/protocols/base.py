@@ -29,6 +29,8 @@ from chatprobe.diagnosis import AgentSelf, Cause
 from chatprobe.errors import HarnessError, TargetError
 
 OnReceive = Callable[[str, str | None], None]
+# A frame as evidence: (monotonic µs, "in" or "out", the frame's text).
+Frame = tuple[int, str, str]
 OnEvent = Callable[[str, str], None]  # (event kind, detail): "disconnected", "resumed", ...
 
 
@@ -66,6 +68,11 @@ class CustomerSession(ABC):
         reconnect by itself. False when the adapter cannot (the swarm then skips it)."""
         return False
 
+    def recent_frames(self) -> list[Frame]:
+        """The last frames this session sent and received, when the adapter keeps them
+        (``Adapter.frame_log_size``); evidence around a lost message."""
+        return []
+
     @abstractmethod
     async def close(self) -> None: ...
 
@@ -88,6 +95,10 @@ class AgentSession(ABC):
         None when the adapter cannot tell which conversation that was."""
         return None
 
+    def recent_frames(self) -> list[Frame]:
+        """As CustomerSession.recent_frames."""
+        return []
+
     @abstractmethod
     async def close(self) -> None: ...
 
@@ -109,6 +120,8 @@ class Adapter(ABC):
     def __init__(self, target_url: str, config: TargetConfig) -> None:
         self.target_url = target_url
         self.config = config
+        # How many frames each session keeps for evidence (0: none, the swarm's default).
+        self.frame_log_size = 0
 
     @abstractmethod
     async def connect_customer(self, customer_id: str, on_receive: OnReceive,

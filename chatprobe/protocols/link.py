@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from chatprobe.config import TargetConfig
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError, TargetError
-from chatprobe.protocols.base import Ack, OnEvent
+from chatprobe.protocols.base import Ack, Frame, OnEvent
 from chatprobe.protocols.longpoll import open_long_poll
 from chatprobe.protocols.websocket import Message, MessageSocket, WebSocket, connect
 
@@ -94,6 +94,9 @@ class ReconnectingLink(ABC):
         # Set while a logged-in connection is up (and once the link is dead, to wake waiters).
         self.connected = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None
+        # The last frames both ways, as evidence around a lost message (off by default: the
+        # swarm's hot path does not pay for it). Login frames are never kept (credentials).
+        self.frames: deque[Frame] | None = None
 
     # -- what a protocol provides ------------------------------------------------------
 
@@ -168,9 +171,15 @@ class ReconnectingLink(ABC):
         async with asyncio.timeout(self.config.connect_timeout_s):
             return await ws.recv()
 
+    def keep_frames(self, count: int) -> None:
+        self.frames = deque(maxlen=count) if count > 0 else None
+
     def _dispatch(self, raw: Message) -> None:
         if self.dead is not None:
             return
+        if self.frames is not None:
+            self.frames.append((time.monotonic_ns() // 1000, "in", raw if isinstance(
+                raw, str) else raw.decode("utf-8", "replace")))
         try:
             self.on_raw(raw)
         except TargetError as exc:
@@ -291,6 +300,8 @@ class ReconnectingLink(ABC):
         ws = self.ws
         assert ws is not None
         ws.send_now(text)
+        if self.frames is not None:
+            self.frames.append((time.monotonic_ns() // 1000, "out", text))
 
     async def write_or_hold(self, text: str) -> None:
         """Write now; while disconnected, keep quiet: handshake(resume=True) resends."""

@@ -25,6 +25,7 @@ from chatprobe.protocols.base import (
     Conversation,
     CustomerSession,
     Explanation,
+    Frame,
     OnEvent,
     OnReceive,
     register,
@@ -91,6 +92,7 @@ class _Link(ReconnectingLink):
                          fallback_url=long_poll_url(adapter.target_url))
         self.hello = hello
         self.on_frame = on_frame
+        self.keep_frames(adapter.frame_log_size)
         self.welcome: wire.Frame = {}
         self.last_id: int | None = None
         self.unacked: dict[str, wire.Frame] = {}
@@ -198,6 +200,9 @@ class _ReferenceCustomer(CustomerSession):
         self.link.drop()
         return True
 
+    def recent_frames(self) -> list[Frame]:
+        return list(self.link.frames or ())
+
     async def close_conversation(self, conversation: str) -> None:
         await self.link.write_or_hold(wire.encode({"type": "close",
                                                    "conversation": int(conversation)}))
@@ -229,6 +234,9 @@ class _ReferenceAgent(AgentSession):
         if conversation is None:
             return None
         return await self.reply(str(conversation), client_msg_id, text)
+
+    def recent_frames(self) -> list[Frame]:
+        return list(self.link.frames or ())
 
     async def close(self) -> None:
         await self.link.close()

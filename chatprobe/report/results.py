@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import platform
+import re
 import socket
 import time
 import uuid
@@ -97,11 +98,16 @@ class Result:
             entry["excluded"] = True
         self.parameters.append(entry)
 
-    def attach(self, name: str, content: str | bytes, mime: str, extension: str) -> None:
+    def attachment_file(self, name: str, content: str | bytes, mime: str,
+                        extension: str) -> dict[str, str]:
+        """Write an attachment's file; the returned entry goes on the result or a step."""
         source = f"{uuid.uuid4()}-attachment.{extension}"
         data = content.encode("utf-8") if isinstance(content, str) else content
         (self.directory / source).write_bytes(data)
-        self.attachments.append({"name": name, "source": source, "type": mime})
+        return {"name": name, "source": source, "type": mime}
+
+    def attach(self, name: str, content: str | bytes, mime: str, extension: str) -> None:
+        self.attachments.append(self.attachment_file(name, content, mime, extension))
 
     def write(self) -> Path:
         history_id = _history_id(*self.history_key)
@@ -183,8 +189,28 @@ def run_status(doc: dict[str, Any]) -> tuple[str, str]:
     return ALLURE_STATUS[status], message(category, f"{counts}. {why}")
 
 
-def _evidence_step(example: dict[str, Any], profile: str, at_ms: int) -> dict[str, Any]:
-    """A lost or late message as a step: what was sent, what arrived where and when."""
+SECRET_FIELD = re.compile(r'("(?:token|password|secret|access_token|admin_token)"\s*:\s*")'
+                          r'[^"]*(")', re.IGNORECASE)
+
+
+def mask_secrets(text: str) -> str:
+    """Frames are kept as sent; a credential in one never reaches the report."""
+    return SECRET_FIELD.sub(rf"\g<1>{MASK}\g<2>", text)
+
+
+def _frames_text(frames: list[dict[str, Any]], stamp: str) -> str:
+    # The message's own frames (its stamp is in them) are marked with '>'.
+    lines = [f"{'>' if stamp and stamp + ':' in str(frame['frame']) else ' '}"
+             f"{frame['at_ms']:>+10.1f} ms  {frame['link']:<24} {frame['direction']:<3} "
+             f"{mask_secrets(str(frame['frame']))}" for frame in frames]
+    return ("times are ms after the message was due; 'out' = sent by chatprobe; '>' = this "
+            "message\n" + "\n".join(lines) + "\n")
+
+
+def _evidence_step(example: dict[str, Any], profile: str, at_ms: int,
+                   result: Result) -> dict[str, Any]:
+    """A lost or late message as a step: what was sent, what arrived where and when, and
+    the frames around it."""
     hops = [("planned send", 0.0), ("sent", example.get("sent_after_ms")),
             ("acked by the platform", example.get("acked_after_ms")),
             ("received", example.get("latency_ms"))]
@@ -204,11 +230,16 @@ def _evidence_step(example: dict[str, Any], profile: str, at_ms: int) -> dict[st
               "start": at_ms, "stop": at_ms}
              for hop, value in hops]
     what = example.get("kind") or ""
+    attachments = []
+    if example.get("frames"):
+        attachments.append(result.attachment_file(
+            "frames around it.txt", _frames_text(example["frames"], str(example.get("stamp", ""))),
+            "text/plain", "txt"))
     return {"name": f"{example['outcome']} {example['conversation']} #{example['seq']}"
                     + (f" ({what})" if what else "")
                     + (f": {example['cause']}" if example.get("cause") else ""),
             "status": "failed", "stage": "finished", "start": at_ms, "stop": at_ms,
-            "parameters": parameters, "steps": steps}
+            "parameters": parameters, "steps": steps, "attachments": attachments}
 
 
 def _evidence_table(examples: list[dict[str, Any]]) -> str:
@@ -257,18 +288,19 @@ def write_probe_results(directory: Path, doc: dict[str, Any], table: str,
         result.parameter("sent", document["sent"], excluded=True)
         result.parameter("run", document["run"], excluded=True)
         examples = document.get("examples") or []
-        result.steps = [_evidence_step(e, profile, result.start_ms)
+        result.steps = [_evidence_step(e, profile, result.start_ms, result)
                         for e in examples[:EVIDENCE_STEPS]]
         if examples:
             result.attach("lost and late messages.html", _evidence_table(examples),
                           "text/html", "html")
-            result.attach("lost and late messages.json", json.dumps(examples, indent=2),
-                          "application/json", "json")
+            result.attach("lost and late messages.json",
+                          mask_secrets(json.dumps(examples, indent=2)), "application/json",
+                          "json")
         result.attach("summary.txt", render_table(document), "text/plain", "txt")
         if len(documents) > 1:
             result.attach("profiles side by side.txt", table, "text/plain", "txt")
-        result.attach("summary.json", json.dumps(document, indent=2), "application/json",
-                      "json")
+        result.attach("summary.json", mask_secrets(json.dumps(document, indent=2)),
+                      "application/json", "json")
         if config is not None:
             result.attach("configuration.json", json.dumps(masked_config(config), indent=2),
                           "application/json", "json")
@@ -345,7 +377,7 @@ def write_swarm_results(directory: Path, doc: dict[str, Any], table: str, starte
             result.parameter("run", document["run"], excluded=True)
             examples = document.get("examples") or []
             if slo != "p99 latency":
-                result.steps = [_evidence_step(e, profile, result.start_ms)
+                result.steps = [_evidence_step(e, profile, result.start_ms, result)
                                 for e in examples[:EVIDENCE_STEPS]]
             for name, png in plots.items():
                 result.attach(name, png, "image/png", "png")
@@ -355,7 +387,8 @@ def write_swarm_results(directory: Path, doc: dict[str, Any], table: str, starte
             result.attach("summary.txt", render_table(document), "text/plain", "txt")
             if len(documents) > 1:
                 result.attach("profiles side by side.txt", table, "text/plain", "txt")
-            result.attach("summary.json", json.dumps(_without_histograms(document), indent=2),
+            result.attach("summary.json",
+                          mask_secrets(json.dumps(_without_histograms(document), indent=2)),
                           "application/json", "json")
             if config is not None:
                 result.attach("configuration.json",
