@@ -76,7 +76,9 @@ def test_a_probe_with_injected_loss_shows_each_lost_message_as_platform_loss(
         assert hops[2].startswith("acked by the platform: +")
         # The frames around it: the customer's own send of this very message is among them.
         (frames,) = [a for a in step["attachments"] if a["name"] == "frames around it.txt"]
-        conversation, seq = re.fullmatch(r"lost (c\d+) #(\d+): .*", step["name"]).groups()
+        named = re.fullmatch(r"lost (c\d+) #(\d+): .*", step["name"])
+        assert named is not None, step["name"]
+        conversation, seq = named.groups()
         assert (f'"client_msg_id":"{doc["run"]}-{conversation}-{seq}"'
                 in (allure / frames["source"]).read_text())
     names = {a["name"] for a in found["attachments"]}
