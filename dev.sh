@@ -30,8 +30,9 @@ ensure_venv() {
     echo "$want" > "$VENV/.chatprobe-installed"
 }
 
-# Third-party chat servers the test suite probes (docs: shared design real-targets.md).
-TEST_DEBIAN_PACKAGES=(prosody ejabberd prometheus-pushgateway)
+# Third-party chat servers the test suite probes (docs: shared design real-targets.md);
+# nftables: nft for the kernel layer of network profiles (docs/kernel.md, tests as root).
+TEST_DEBIAN_PACKAGES=(prosody ejabberd prometheus-pushgateway nftables)
 
 ensure_debian_packages() {
     local missing=()

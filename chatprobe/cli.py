@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     _swarm_arguments(swarm)
 
     profiles = sub.add_parser("profiles", help="list network profiles, or show one")
-    profiles.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    profiles.add_argument("action", nargs="?", choices=["list", "show", "cleanup"],
+                          default="list", help="cleanup: remove network namespaces that "
+                          "crashed runs left (root)")
     profiles.add_argument("name", nargs="?", help="profile name or YAML file (for show)")
 
     demo = sub.add_parser("demo", help="start the reference service and run a short swarm")
@@ -300,9 +302,14 @@ def _report_profiles(args: argparse.Namespace, documents: list[dict[str, Any]],
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    from chatprobe.netem.plan import run_plan
+    from chatprobe.netem.kernel import cleanup_leftovers
+    from chatprobe.netem.session import plan_here
     from chatprobe.profiles import available_profiles, describe, load_profile
 
+    if args.action == "cleanup":
+        removed = cleanup_leftovers()
+        print("removed: " + (", ".join(removed) if removed else "nothing"))
+        return 0
     if args.action == "list":
         if args.name:
             raise HarnessError("'profiles list' takes no name; use 'profiles show NAME'")
@@ -316,7 +323,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     for line in describe(profile):
         print(line)
     print("on this machine:")
-    plan = run_plan(profile, "ws://")
+    plan = plan_here(profile, "ws://")
     for item in plan:
         state = "emulated" if item.emulated else "NOT emulated"
         print(f"  {item.parameter} = {item.value}: {state} ({item.layer}; {item.why})")

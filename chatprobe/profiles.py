@@ -409,8 +409,37 @@ _KERNEL_WHY = {
     "mtu": "the MTU of the emulated link inside the namespaces",
     "mss_clamp": "nftables rewrites the TCP MSS option of SYN packets",
     "pmtu_blackhole": "nftables drops ICMP 'fragmentation needed' (and IPv6 'packet too big')",
-    "allowed_ports": "nftables drops traffic to any other destination port",
+    "allowed_ports": "nftables refuses (TCP reset) connections to any other destination port",
+    "idle_timeout_s": "conntrack forgets flows idle this long (nftables timeout policy)",
+    "idle_timeout_action": "nftables treats packets of a forgotten flow this way (silent: "
+                           "drops them, rst: answers with a TCP reset)",
+    "forged_rst_after_s": "nftables turns a flow's next packet this long into the connection "
+                          "into a RST to its receiver, and resets the sender's next one",
+    "reconnect_block_s": "after a forged reset nftables refuses new connections to the same "
+                         "server this long",
 }
+
+# Middlebox behaviours the kernel does better than the proxy where it can: a real firewall
+# does not acknowledge what it drops (the proxy reads and discards), and a forged RST
+# arrives as a packet.
+_KERNEL_MIDDLEBOX = ("idle_timeout_s", "idle_timeout_action", "forged_rst_after_s",
+                     "reconnect_block_s")
+
+
+def _middlebox_item(profile: Profile, parameter: str, key: str, value: str,
+                    caps: Capabilities) -> PlanItem:
+    kernel = key in _KERNEL_MIDDLEBOX and not _missing(caps, "root", "netns", "nftables")
+    if kernel and key.startswith("idle_timeout"):
+        idle = profile.idle_timeout_s or 0
+        if profile.idle_timeout_action == "fin":
+            return PlanItem(parameter, value, PROXY, True, _PROXY_WHY[key]
+                            + " (nftables cannot close a flow with a FIN)")
+        if not float(idle).is_integer():
+            return PlanItem(parameter, value, PROXY, True, _PROXY_WHY[key]
+                            + " (conntrack timeouts are whole seconds)")
+    if kernel:
+        return PlanItem(parameter, value, KERNEL_NFTABLES, True, _KERNEL_WHY[key])
+    return PlanItem(parameter, value, PROXY, True, _PROXY_WHY[key])
 
 
 def _loss_item(profile: Profile, direction: str, caps: Capabilities) -> PlanItem:
@@ -465,7 +494,7 @@ def emulation_plan(profile: Profile, caps: Capabilities) -> list[PlanItem]:
         elif key == "bandwidth_kbit":
             plan.append(_bandwidth_item(profile, section, caps))
         elif key in _PROXY_WHY:
-            plan.append(PlanItem(parameter, value, PROXY, True, _PROXY_WHY[key]))
+            plan.append(_middlebox_item(profile, parameter, key, value, caps))
         else:
             needs = ("root", "netns") if key == "mtu" else ("root", "netns", "nftables")
             layer = KERNEL_LINK_MTU if key == "mtu" else KERNEL_NFTABLES

@@ -7,6 +7,8 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from chatprobe.netem.session import behind
 from chatprobe.probe import ProbeHooks, ProbeOptions, run_probe
 from chatprobe.profiles import Direction, Profile
@@ -129,7 +131,11 @@ def test_agents_behind_their_own_profile_add_their_latency(reference_service: Se
 
 
 def test_parameters_the_run_cannot_emulate_are_listed_not_ignored(
-        reference_service: ServiceProcess, tmp_path: Path) -> None:
+        reference_service: ServiceProcess, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the kernel layer (as on a machine without root); tests/test_netem_kernel.py
+    # has the same parameters applied by it.
+    monkeypatch.setenv("CHATPROBE_KERNEL", "off")
     lossy = write_profile(tmp_path, "lossy", "up: {latency_ms: 5, loss_percent: 3}\n")
     result = chatprobe("probe", "--target", reference_service.base_url, "--messages", "50",
                        "--profile", str(lossy), "--json", str(tmp_path / "out.json"),
@@ -138,9 +144,12 @@ def test_parameters_the_run_cannot_emulate_are_listed_not_ignored(
     skipped = [e for e in doc["emulation"] if not e["emulated"]]
     assert [e["parameter"] for e in skipped] == ["up.loss_percent"]
     assert "up.loss_percent = 3 %: NOT emulated" in result.stdout
+    assert "CHATPROBE_KERNEL=off" in skipped[0]["why"]
 
 
-def test_profiles_command_lists_and_shows(tmp_path: Path) -> None:
+def test_profiles_command_lists_and_shows(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATPROBE_KERNEL", "off")  # what a machine without root shows
     listed = chatprobe("profiles")
     names = [line.split()[0] for line in listed.stdout.splitlines()]
     for name in ("clean", "office-firewall", "corporate-proxy", "vpn-overseas", "mobile-3g",
@@ -168,16 +177,32 @@ def test_one_run_over_four_shipped_profiles_prints_them_side_by_side(
                        "--profile", ",".join(names), "--json", str(tmp_path / "out.json"),
                        "--quiet", timeout=240)
     doc = json.loads((tmp_path / "out.json").read_text())
-    assert result.returncode == 0, ([(r["profile"], r["status"], r["diagnoses"], r["events"])
-                                     for r in doc["profiles"]], result.stderr[-2000:])
+    runs = {run["profile"]: run for run in doc["profiles"]}
+    ports = next(e for e in runs["office-firewall"]["emulation"]
+                 if e["parameter"] == "link.allowed_ports")
+    # With the kernel layer (root, nftables) the office firewall passes only TCP 443, and
+    # this service listens on another port: its customers are refused, and the run says
+    # why. Without it the port rule is listed as skipped and the firewall's other parts
+    # apply.
+    blocked = ports["emulated"]
+    assert result.returncode == (2 if blocked else 0), (
+        [(r["profile"], r["status"], r["diagnoses"], r["events"]) for r in doc["profiles"]],
+        result.stderr[-2000:])
     assert [run["profile"] for run in doc["profiles"]] == names
     header = next(line for line in result.stdout.splitlines() if line.startswith("profile "))
     assert header.split()[1:] == names
     p50 = {run["profile"]: run["latency_ms"]["p50"] for run in doc["profiles"]}
     # Each profile's customer uplink latency (half its added round trip, +/- half its
     # jitter, uniform) shows in the p50; lower bounds, as a busy machine only adds to them.
-    assert p50["office-firewall"] >= 20 - 2.5 and p50["vpn-overseas"] >= 100 - 5, p50
-    assert p50["mobile-3g"] >= 150 - 25, p50
+    assert p50["vpn-overseas"] >= 100 - 5 and p50["mobile-3g"] >= 150 - 25, p50
+    if blocked:
+        office = runs["office-firewall"]
+        assert office["status"] == "CRITICAL" and office["sent"] == 0
+        assert office["diagnoses"][0]["cause"] == "transport.unreachable"
+        assert f"port {reference_service.port} is not among them" in ports["why"]
+        assert office["proxy"]["customers"]["kernel"]["port_refused"] >= 1
+    else:
+        assert p50["office-firewall"] >= 20 - 2.5, p50
     assert all(run["lost"] == 0 for run in doc["profiles"])
 
 

@@ -32,6 +32,9 @@ class ProxyStats:
     refused: int = 0  # admission refused (reconnect blocked)
     upgrades_refused: int = 0
     kills: dict[str, int] = field(default_factory=dict)  # reason -> count
+    # The kernel layer's path in front of the proxy, if any: packets per nftables counter
+    # (loss_up, forged_rst, port_refused...) and tbf queue drops, read when it closes.
+    kernel: dict[str, int] = field(default_factory=dict)
 
 
 def abort_with_rst(writer: asyncio.StreamWriter) -> None:
@@ -232,11 +235,13 @@ class _Connection:
 class FaultProxy:
     """A TCP proxy on 127.0.0.1 in front of ``target_host:target_port``. ``faults`` builds a
     fresh list of fault units per connection (their state is per connection, except what a
-    fault deliberately shares, such as a reconnect block)."""
+    fault deliberately shares, such as a reconnect block). ``listen_sock``: a listening
+    socket made elsewhere (the kernel layer makes it inside a network namespace) to serve
+    on instead of a new one on loopback; the proxy closes it."""
 
     def __init__(self, target_host: str, target_port: int,
                  faults: Callable[[], Sequence[Fault]], toxicity: float = 1.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, listen_sock: socket.socket | None = None) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.make_faults = faults
@@ -246,10 +251,16 @@ class FaultProxy:
         self.shared: list[Fault] = list(faults())  # admission state spans connections
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        self._listen_sock = listen_sock
         self.port = 0
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, limit=CHUNK)
+        if self._listen_sock is not None:
+            self._server = await asyncio.start_server(self._accept, sock=self._listen_sock,
+                                                      limit=CHUNK)
+        else:
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0,
+                                                      limit=CHUNK)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

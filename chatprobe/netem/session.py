@@ -1,10 +1,12 @@
-"""Runs probes behind network profiles (edge): a fault proxy per side, one probe per customer
-profile, and the summaries side by side."""
+"""Runs probes behind network profiles (edge): a fault proxy per side, in front of it the
+kernel layer's namespaces where this machine has them, one probe per customer profile, and
+the summaries side by side."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
@@ -13,19 +15,27 @@ from urllib.parse import urlsplit, urlunsplit
 
 from chatprobe.config import TargetConfig
 from chatprobe.errors import HarnessError
-from chatprobe.netem.plan import proxy_faults, run_plan
+from chatprobe.netem import kernel
+from chatprobe.netem.plan import DEFAULT_PORTS, proxy_faults, run_plan
 from chatprobe.netem.proxy import FaultProxy
 from chatprobe.probe import ProbeOptions, run_probe
-from chatprobe.profiles import Profile
+from chatprobe.profiles import PlanItem, Profile
 from chatprobe.verdict import Status
 
-DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+def plan_here(profile: Profile, target_url: str) -> list[PlanItem]:
+    """What a run on this machine applies of ``profile``: the proxy, and the kernel layer
+    where it is available and not switched off."""
+    caps, off = kernel.state()
+    return run_plan(profile, target_url, caps, off)
 
 
 @contextlib.asynccontextmanager
 async def behind(target_url: str, profile: Profile | None,
                  seed: int | None = None) -> AsyncIterator[tuple[str, FaultProxy | None]]:
-    """The URL to use for ``target_url`` seen through ``profile`` (a proxy on loopback)."""
+    """The URL to use for ``target_url`` seen through ``profile``: a proxy on loopback, or,
+    when the profile has kernel parameters this machine can apply, a proxy listening inside
+    the kernel layer's edge namespace on the target's own port, behind emulated routers."""
     if profile is None or profile.is_clean:
         yield target_url, None
         return
@@ -34,13 +44,33 @@ async def behind(target_url: str, profile: Profile | None,
         raise HarnessError(f"cannot put a network profile in front of {target_url}")
     port = parts.port or DEFAULT_PORTS.get(parts.scheme, 80)
     secure = parts.scheme in ("https", "wss")
-    proxy = FaultProxy(parts.hostname, port, proxy_faults(profile, seed, secure),
-                       toxicity=profile.toxicity, seed=seed)
-    await proxy.start()
+    spec = kernel.KernelSpec.from_plan(profile, plan_here(profile, target_url))
+    path = kernel.KernelPath(spec) if spec.active else None
+    listen_sock: socket.socket | None = None
     try:
-        yield urlunsplit(parts._replace(netloc=f"127.0.0.1:{proxy.port}")), proxy
+        if path is not None:
+            # Building takes a few dozen ip/nft/tc commands: off the event loop. On
+            # cancellation the finally below waits for the build, then removes it.
+            await asyncio.to_thread(path.open)
+            listen_sock = path.listen(port)
+        proxy = FaultProxy(parts.hostname, port,
+                           proxy_faults(profile, seed, secure, spec.parameters),
+                           toxicity=profile.toxicity, seed=seed, listen_sock=listen_sock)
+        await proxy.start()
+        listen_sock = None  # the proxy's now
+        try:
+            host = path.address if path is not None else "127.0.0.1"
+            yield urlunsplit(parts._replace(netloc=f"{host}:{proxy.port}")), proxy
+        finally:
+            await proxy.close()
+            if path is not None:
+                with contextlib.suppress(kernel.KernelError):
+                    proxy.stats.kernel = path.counters()
     finally:
-        await proxy.close()
+        if listen_sock is not None:
+            listen_sock.close()
+        if path is not None:
+            path.close()
 
 
 class ProxyThread:
@@ -95,10 +125,10 @@ def annotate(doc: dict[str, Any], target_url: str, profile: Profile,
     doc["target"] = target_url
     doc["profile"] = profile.name
     doc["agent_profile"] = agent_profile.name if agent_profile else None
-    plan = run_plan(profile, target_url)
+    plan = plan_here(profile, target_url)
     if agent_profile is not None:
         plan += [replace(item, parameter=f"agents: {item.parameter}")
-                 for item in run_plan(agent_profile, target_url)]
+                 for item in plan_here(agent_profile, target_url)]
     doc["emulation"] = [asdict(item) for item in plan]
     doc["proxy"] = {side: asdict(p.stats) for side, p in proxies.items() if p is not None}
     return doc
