@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # chatprobe's two set-up commands (see README):
-#   bash dev.sh demo   - install into .venv, start the reference chat service, probe it
+#   bash dev.sh demo   - install into .venv, start the reference chat service, run a short
+#                        promotion swarm against it, build the HTML report (Node.js 20)
 #   bash dev.sh test   - install into .venv (with test tools), run ruff, mypy and the test suite
 # Anything after the command is passed on (e.g. `bash dev.sh test -k ledger`).
 set -euo pipefail
@@ -31,8 +32,9 @@ ensure_venv() {
 }
 
 # Third-party chat servers the test suite probes (docs: shared design real-targets.md);
-# nftables: nft for the kernel layer of network profiles (docs/kernel.md, tests as root).
-TEST_DEBIAN_PACKAGES=(prosody ejabberd prometheus-pushgateway nftables)
+# nftables: nft for the kernel layer of network profiles (docs/kernel.md, tests as root);
+# prometheus-pushgateway for the canary's metrics; chromium to open the HTML report.
+TEST_DEBIAN_PACKAGES=(prosody ejabberd prometheus-pushgateway nftables chromium)
 
 ensure_debian_packages() {
     local missing=()
@@ -98,7 +100,7 @@ case "$command" in
         ensure_venv "[test]"
         ensure_debian_packages "${TEST_DEBIAN_PACKAGES[@]}"
         ensure_synapse
-        "$VENV/bin/ruff" check chatprobe tests benchmarks loadtests
+        "$VENV/bin/ruff" check chatprobe tests benchmarks loadtests probes
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest -n "${CHATPROBE_TEST_WORKERS:-auto}" "$@"
         ;;

@@ -112,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "crashed runs left (root)")
     profiles.add_argument("name", nargs="?", help="profile name or YAML file (for show)")
 
-    demo = sub.add_parser("demo", help="start the reference service and run a short swarm")
+    demo = sub.add_parser("demo", help="start the reference service, run a short swarm and "
+                          "build the report")
     _swarm_arguments(demo)
+    demo.add_argument("--no-report", action="store_true",
+                      help="skip the HTML report (it needs Node.js 20 and npm)")
     demo.set_defaults(duration=30.0, think_scale=0.2)
 
     canary = sub.add_parser("canary", help="one bounded canary run, for cron (exit 0/1/2/3 "
@@ -132,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "the config's stale_after_s, 180)")
     history.add_argument("--failures", type=_positive_int, default=10,
                          help="how many recent failures to list")
+
+    from chatprobe.report.command import add_report_parser
+
+    add_report_parser(sub)
     return parser
 
 
@@ -387,7 +394,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
             doc = run_swarm(options)
         finally:
             service.stop()
-    return _report_doc(args, doc, started)
+        if args.no_report:
+            return _report_doc(args, doc, started)
+        # The main job ends with the report: this run's results (a fresh folder unless
+        # --alluredir names one) into reports/output, its trend across demo runs kept.
+        if args.alluredir is None:
+            args.alluredir = Path(folder) / "allure-results"
+        code = _report_doc(args, doc, started)
+        _demo_report(args.alluredir)
+    return code
+
+
+def _demo_report(results: Path) -> None:
+    from chatprobe.paths import project_root
+    from chatprobe.report.build import build_report, default_history_path
+
+    output = project_root() / "reports" / "output"
+    try:
+        index = build_report(results, output, history=default_history_path(output),
+                             name="chatprobe demo")
+    except HarnessError as exc:
+        # The run's verdict stands without its report; say why there is none.
+        print(f"chatprobe demo: no report: {exc}", file=sys.stderr, flush=True)
+        return
+    print(f"chatprobe report: {index.as_uri()}", flush=True)
 
 
 class ServiceSubprocess:
@@ -455,6 +485,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     return int(Status.CRITICAL if stale else Status.OK)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from chatprobe.report.command import cmd_report as build
+
+    return build(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from chatprobe.service.runner import serve
 
@@ -464,7 +500,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"serve": cmd_serve, "probe": cmd_probe, "swarm": cmd_swarm, "demo": cmd_demo,
-                "profiles": cmd_profiles, "canary": cmd_canary, "history": cmd_history}
+                "profiles": cmd_profiles, "canary": cmd_canary, "history": cmd_history,
+                "report": cmd_report}
     try:
         return handlers[args.command](args)
     except HarnessError as exc:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,6 +212,12 @@ def test_demo_runs_the_main_job_and_exits_0(tmp_path: Path) -> None:
     assert doc["sent"] == doc["delivered"] > 0
     assert doc["shape"] == "midnight-spike" and doc["timeseries"]
     assert "chatprobe run" in result.stdout and "Traceback" not in result.stderr
+    # The main job ends with the report (reports/output in the checkout).
+    lines = [line for line in result.stdout.splitlines()
+             if line.startswith("chatprobe report: file://")]
+    assert len(lines) == 1, (result.stdout[-2000:], result.stderr[-2000:])
+    index = Path(urllib.parse.urlsplit(lines[0].split(": ", 1)[1]).path)
+    assert index.name == "index.html" and index.stat().st_size > 0
 
 
 @pytest.mark.parametrize("args", [
