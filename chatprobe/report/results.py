@@ -235,9 +235,11 @@ def _evidence_step(example: dict[str, Any], profile: str, at_ms: int,
         attachments.append(result.attachment_file(
             "frames around it.txt", _frames_text(example["frames"], str(example.get("stamp", ""))),
             "text/plain", "txt"))
+    stamp = example.get("stamp")
     return {"name": f"{example['outcome']} {example['conversation']} #{example['seq']}"
                     + (f" ({what})" if what else "")
-                    + (f": {example['cause']}" if example.get("cause") else ""),
+                    + (f": {example['cause']}" if example.get("cause") else "")
+                    + (f" [{stamp}]" if stamp else ""),
             "status": "failed", "stage": "finished", "start": at_ms, "stop": at_ms,
             "parameters": parameters, "steps": steps, "attachments": attachments}
 
