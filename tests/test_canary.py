@@ -503,3 +503,18 @@ def test_the_demo_config_works_against_a_service_started_with_defaults(
         assert (tmp_path / "state" / "chatprobe" / "canary.sqlite3").exists()
     finally:
         service.stop()
+
+
+def test_each_run_replaces_the_previous_runs_allure_results(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    results = tmp_path / "allure"
+    results.mkdir()
+    (results / "notes.txt").write_text("not Allure's: stays", encoding="utf-8")
+    config = write_config(tmp_path, reference_service.base_url, idle_s=0,
+                          alluredir=str(results))
+    counts = []
+    for _ in range(2):
+        assert canary(config).returncode == 0
+        counts.append(len(list(results.glob("*-result.json"))))
+    assert counts == [8, 8]
+    assert (results / "notes.txt").read_text(encoding="utf-8") == "not Allure's: stays"

@@ -67,6 +67,16 @@ def run_lock(path: Path) -> Iterator[None]:
         handle.close()
 
 
+def clear_results(directory: Path) -> None:
+    """The previous run's Allure result files go: at 1,440 runs a day they would pile up
+    (as retries of every check); the report's history keeps the trend. Only Allure's own
+    files are touched."""
+    for pattern in ("*-result.json", "*-container.json", "*-attachment.*"):
+        for path in directory.glob(pattern):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def new_run_id(now: float) -> str:
     return f"canary-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-{secrets.token_hex(2)}"
 
@@ -165,6 +175,8 @@ def run_canary(config: CanaryConfig, json_path: Path | None = None) -> tuple[Can
     with run_lock(config.lock):
         log_path = config.history.with_name(config.history.name + ".last-run.log")
         config.history.parent.mkdir(parents=True, exist_ok=True)
+        if config.alluredir is not None:
+            clear_results(config.alluredir)
         run_suite(config, run, log_path)
         run.host_broken = _host_broken(config, run)
         run.duration_s = time.time() - started
