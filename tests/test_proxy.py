@@ -127,7 +127,9 @@ def test_a_stall_holds_data_until_it_ends_and_the_connection_survives() -> None:
             await reader.readexactly(16)
             arrived = time.monotonic() - opened
             writer.close()
-        assert arrived >= 0.6, arrived
+        # The proxy's stall clock starts when it accepts, a little before the client's
+        # connect returns: 10 ms of slack, far below the 0.3 s a missed stall would show.
+        assert arrived >= 0.59, arrived
     run(main())
 
 
