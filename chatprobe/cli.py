@@ -314,6 +314,9 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     from chatprobe.profiles import available_profiles, describe, load_profile
 
     if args.action == "cleanup":
+        if os.geteuid() != 0:
+            raise HarnessError("profiles cleanup removes network namespaces: run it as root "
+                               "(without root, chatprobe creates none)")
         removed = cleanup_leftovers()
         print("removed: " + (", ".join(removed) if removed else "nothing"))
         return 0
@@ -473,9 +476,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         stale_after = stale_after or config.stale_after_s
     else:
         path = args.db
-        if not path.exists():
-            raise HarnessError(f"no canary history at {path}")
-    store = HistoryStore(path)
+    if not path.exists():
+        raise HarnessError(f"no canary history at {path} (has the canary run yet?)")
+    # Read-only: a report never creates or changes the canary's store (or its owner).
+    store = HistoryStore(path, read_only=True)
     try:
         text, stale = render_history(store, time.time(), stale_after or 180.0, args.failures)
     finally:

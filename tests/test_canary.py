@@ -518,3 +518,19 @@ def test_each_run_replaces_the_previous_runs_allure_results(
         counts.append(len(list(results.glob("*-result.json"))))
     assert counts == [8, 8]
     assert (results / "notes.txt").read_text(encoding="utf-8") == "not Allure's: stays"
+
+
+def test_checks_the_canary_could_not_judge_do_not_count_against_availability(
+        tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path / "history.sqlite3")
+    now = time.time()
+    try:
+        store.append(run_at(now - 120, set()))
+        unjudged = run_at(now - 60, set())
+        unjudged.results = [CheckResult.unjudged(r.check_id, "not run: budget")
+                            for r in unjudged.results]
+        store.append(unjudged)
+        figures = {f.target: f for f in store.figures(now - 3600, "last hour")}
+    finally:
+        store.close()
+    assert (figures["north"].runs, figures["north"].available) == (1, 1)

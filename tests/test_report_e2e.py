@@ -85,11 +85,13 @@ def test_no_secret_reaches_results_or_report(reference_service: ServiceProcess,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     require_allure()
     allure = tmp_path / "allure"
-    _, stamp_key = probe_with_loss(reference_service, allure, tmp_path / "run.json",
-                                   monkeypatch)
+    # The canary first: each of its runs clears the folder of earlier results.
     config = write_config(tmp_path, reference_service.base_url, idle_s=0,
                           alluredir=str(allure))
-    canary(config, admin_token=reference_service.admin_token)
+    assert canary(config, admin_token=reference_service.admin_token).returncode == 0
+    _, stamp_key = probe_with_loss(reference_service, allure, tmp_path / "run.json",
+                                   monkeypatch)
+    assert len(list(allure.glob("*-result.json"))) == 8 + 1  # the canary's and the probe's
     index = build_report(allure, tmp_path / "report", history=tmp_path / "trend.jsonl")
     secrets = {"agent token": b"demo-probe-1-token", "agent token 2": b"demo-probe-2-token",
                "admin token": reference_service.admin_token.encode(),

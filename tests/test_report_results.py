@@ -154,7 +154,7 @@ def test_a_swarm_across_two_profiles_gives_one_result_per_profile_and_slo_with_p
 
 
 def test_credentials_in_frames_are_masked() -> None:
-    from chatprobe.report.results import mask_secrets, public_url
+    from chatprobe.redact import mask_secrets, public_url
 
     frame = '{"type":"hello","role":"agent","agent":"probe-1","token":"demo-probe-1-token"}'
     assert mask_secrets(frame) == ('{"type":"hello","role":"agent","agent":"probe-1",'
@@ -162,3 +162,20 @@ def test_credentials_in_frames_are_masked() -> None:
     assert "s3cret" not in mask_secrets('{"Password": "s3cret", "x": 1}')
     assert public_url("https://user:pw@chat.example:8443/ws?token=abc#x") == (
         "https://chat.example:8443/ws")
+
+
+def test_the_configuration_attached_masks_secrets_at_any_depth() -> None:
+    from chatprobe.config import load_target
+    from chatprobe.redact import scrub
+    from chatprobe.report.results import masked_config
+
+    for name in ("reference", "prosody", "synapse"):
+        config = load_target(ROOT / "fixtures" / "targets" / f"{name}.yaml")
+        masked = json.dumps(masked_config(config))
+        for agent in config.agents:
+            assert agent.token not in masked, name
+        assert "customer-secret" not in masked and "secret" not in masked.replace(
+            "******", ""), (name, masked)
+    # A frame inside a document keeps its shape, loses its credential.
+    frame = {"frames": [{"frame": '{"type":"hello","token":"abc123"}'}]}
+    assert "abc123" not in json.dumps(scrub(frame))

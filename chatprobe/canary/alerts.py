@@ -29,6 +29,7 @@ from typing import Any
 from chatprobe.canary.model import SEVERITY, CanaryRun, CheckResult
 from chatprobe.diagnosis import DESCRIPTIONS, Cause
 from chatprobe.errors import HarnessError
+from chatprobe.redact import one_line, public_url
 from chatprobe.verdict import Status
 
 FORMATS = ("generic", "wecom", "dingtalk", "slack")
@@ -85,9 +86,6 @@ class CheckAlertState:
 
 
 # The name chatprobe/canary/runner.py imports.
-AlertState = CheckAlertState
-
-
 def state_to_json(state: Mapping[str, CheckAlertState]) -> dict[str, Any]:
     return {check: each.to_json() for check, each in sorted(state.items())}
 
@@ -299,13 +297,6 @@ def is_http_url(text: str) -> bool:
         return False
 
 
-def redacted(url: str) -> str:
-    """The webhook without its query and credentials (where robot keys live), for messages."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2],
-                                    parts.path, "", ""))
-
-
 def signed_url(webhook: str, secret: str, now_ms: int) -> str:
     """DingTalk's signed-robot URL: HMAC-SHA256 over "timestamp\\nsecret", base64, quoted."""
     to_sign = f"{now_ms}\n{secret}".encode()
@@ -318,10 +309,6 @@ def signed_url(webhook: str, secret: str, now_ms: int) -> str:
 class _Unreachable(Exception):
     """The webhook could not be reached at all; later alerts would only wait out the same
     timeout, so sending stops."""
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:300]
 
 
 def _post(alert: Alert, config: AlertConfig) -> str | None:
@@ -342,29 +329,29 @@ def _post(alert: Alert, config: AlertConfig) -> str | None:
             text = exc.read(300).decode("utf-8", "replace")
         except Exception:
             text = ""
-        return _one_line(f"HTTP {exc.code} {exc.reason} {text}")
+        return one_line(f"HTTP {exc.code} {exc.reason} {text}")
     except urllib.error.URLError as exc:
-        raise _Unreachable(_one_line(str(exc.reason))) from None
+        raise _Unreachable(one_line(str(exc.reason))) from None
     except (OSError, ValueError) as exc:  # timeouts while reading, bad status lines
-        raise _Unreachable(_one_line(str(exc) or type(exc).__name__)) from None
+        raise _Unreachable(one_line(str(exc) or type(exc).__name__)) from None
     if config.format in ("wecom", "dingtalk"):
         # Both answer 200 even when they refuse a message (bad key, keyword or signature);
         # the verdict is errcode in the JSON body.
         try:
             answer = json.loads(reply)
         except ValueError:
-            return f"answer is not JSON: {_one_line(reply[:200].decode('utf-8', 'replace'))}"
+            return f"answer is not JSON: {one_line(reply[:200].decode('utf-8', 'replace'))}"
         if not isinstance(answer, dict) or answer.get("errcode") != 0:
             code = answer.get("errcode") if isinstance(answer, dict) else None
             message = answer.get("errmsg") if isinstance(answer, dict) else None
-            return _one_line(f"refused: errcode {code} {message or ''}")
+            return one_line(f"refused: errcode {code} {message or ''}")
     return None
 
 
 def _send(alerts: list[Alert], config: AlertConfig) -> list[tuple[Alert, str]]:
     """The alerts that did not get through, each with its problem line."""
     failed: list[tuple[Alert, str]] = []
-    where = f"alert webhook {redacted(config.webhook)}"
+    where = f"alert webhook {public_url(config.webhook)}"
     for index, alert in enumerate(alerts):
         try:
             problem = _post(alert, config)
@@ -375,7 +362,7 @@ def _send(alerts: list[Alert], config: AlertConfig) -> list[tuple[Alert, str]]:
                                      "webhook unreachable"))
             break
         except Exception as exc:  # a bug must not cost the canary its exit code
-            problem = _one_line(f"{type(exc).__name__}: {exc}")
+            problem = one_line(f"{type(exc).__name__}: {exc}")
         if problem is not None:
             failed.append((alert, f"{where}: {alert.event} for {alert.check} not sent: "
                                   f"{problem}"))

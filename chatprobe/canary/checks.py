@@ -25,13 +25,20 @@ from chatprobe.canary.model import IDLE, LATENCY, RECEIVE, REPLY, CheckResult
 from chatprobe.config import AgentCredential
 from chatprobe.diagnosis import DESCRIPTIONS, AgentSelf, Cause, Diagnosis, Evidence, diagnose
 from chatprobe.errors import TargetError
-from chatprobe.protocols.base import Adapter, AgentSession, CustomerSession, adapter_for
+from chatprobe.protocols.base import (
+    Adapter,
+    AgentSession,
+    CustomerSession,
+    Explanation,
+    adapter_for,
+)
 from chatprobe.stamp import StampCodec
 from chatprobe.verdict import Status
 
 # Marks every canary message as synthetic for people and filters reading the shop's chats.
 SYNTHETIC_MARK = "[chatprobe canary: synthetic test message, no reply needed]"
 TRACE_POLL_S = 1.0  # how often a missing message's platform trace is read while waiting
+TRACE_TIMEOUT_S = 6.0  # above the reference adapter's own 5 s HTTP timeout
 # Platform trace states after which a message will never arrive: stop waiting for it.
 FINAL_CAUSES = frozenset({Cause.FILTERED, Cause.PUSH_DISABLED, Cause.PUSH_LOST,
                           Cause.CLIENT_VERSION, Cause.CONVERSATION_CLOSED})
@@ -84,7 +91,8 @@ class AgentCheck:
     """All checks of one sub-account on one target."""
 
     def __init__(self, spec: CanaryTarget, agent: AgentCredential, settings: CheckSettings,
-                 codec: StampCodec, customer_url: str, profile: str = "") -> None:
+                 codec: StampCodec, customer_url: str, profile: str = "",
+                 on_result: Callable[[CheckResult], None] | None = None) -> None:
         self.spec = spec
         self.agent = agent
         self.settings = settings
@@ -92,6 +100,7 @@ class AgentCheck:
         self.customer_url = customer_url
         self.profile = profile
         self.results: list[CheckResult] = []
+        self.on_result = on_result
         self.inbox = _Inbox(codec)
         self.customer_inbox = _Inbox(codec)
         self.self_view: AgentSelf | None = None
@@ -101,12 +110,16 @@ class AgentCheck:
     def _result(self, channel: str, kind: str, status: Status, started: float,
                 cause: Cause | None = None, detail: str = "",
                 latency_ms: float | None = None) -> None:
-        self.results.append(CheckResult(
+        result = CheckResult(
             self.spec.name, self.agent.id, channel, kind, status,
             cause.value if cause is not None else None, detail, latency_ms, self.profile,
-            time.time() - (time.monotonic() - started), time.monotonic() - started))
+            time.time() - (time.monotonic() - started), time.monotonic() - started)
+        self.results.append(result)
+        if self.on_result is not None:
+            # Recorded at once: a run stopped at its budget keeps every finished check.
+            self.on_result(result)
 
-    def _fail_rest(self, status: Status, cause: Cause | None, detail: str) -> None:
+    def fail_rest(self, status: Status, cause: Cause | None, detail: str) -> None:
         """Every check of this agent not yet reported gets the same verdict."""
         done = {(r.channel, r.kind) for r in self.results}
         now = time.monotonic()
@@ -145,19 +158,19 @@ class AgentCheck:
                     self.agent, self.inbox.receiver(), self.inbox.on_event)),
                     self.spec.target.connect_timeout_s + 1)
             except TimeoutError:
-                self._fail_rest(Status.CRITICAL, Cause.TRANSPORT,
+                self.fail_rest(Status.CRITICAL, Cause.TRANSPORT,
                                 "the target did not answer the agent's login in "
                                 f"{self.spec.target.connect_timeout_s:g} s (hanging)")
                 return self.results
             except TargetError as exc:
-                self._fail_rest(Status.CRITICAL, exc.cause, f"agent login: {exc.detail}")
+                self.fail_rest(Status.CRITICAL, exc.cause, f"agent login: {exc.detail}")
                 return self.results
             self.self_view = getattr(agent_session, "profile", None)
             for number, channel in enumerate(self.spec.channels):
                 await self._channel(adapter, customer_adapter, agent_session, channel,
                                     first=number == 0)
         except OutOfBudget:
-            self._fail_rest(Status.UNKNOWN, None, "not run: the canary's time budget ran out")
+            self.fail_rest(Status.UNKNOWN, None, "not run: the canary's time budget ran out")
         finally:
             if agent_session is not None:
                 with contextlib.suppress(Exception):
@@ -284,8 +297,7 @@ class AgentCheck:
                 failure = agent_session.failure
                 return sent_at, server_id, Diagnosis(failure.cause, failure.detail)
             if now >= next_trace and server_id is not None:
-                explanation = await self._bounded(asyncio.ensure_future(adapter.explain(
-                    server_id, frozenset({self.agent.id}))), 5)
+                explanation = await self._explain(adapter, server_id)
                 next_trace = time.monotonic() + TRACE_POLL_S
                 if explanation is not None and explanation.cause is not None and (
                         not wait or explanation.cause in FINAL_CAUSES):
@@ -301,9 +313,8 @@ class AgentCheck:
             return sent_at, server_id, None
         if server_id is not None:
             # The platform's own word on where it stopped beats anything seen from outside.
-            with contextlib.suppress(TimeoutError, OutOfBudget):
-                explanation = await self._bounded(asyncio.ensure_future(adapter.explain(
-                    server_id, frozenset({self.agent.id}))), 5)
+            with contextlib.suppress(OutOfBudget):
+                explanation = await self._explain(adapter, server_id)
                 if explanation is not None and explanation.cause is not None:
                     return sent_at, server_id, Diagnosis(explanation.cause, explanation.detail)
         evidence = Evidence(acked=True, channel=channel,
@@ -316,6 +327,15 @@ class AgentCheck:
         elif evidence.agents and diagnosis.cause is not Cause.DISCONNECTED:
             diagnosis = Diagnosis(diagnosis.cause, f"{self.agent.id}'s own settings")
         return sent_at, server_id, diagnosis
+
+    async def _explain(self, adapter: Adapter, server_id: str) -> Explanation | None:
+        """The platform's trace of a message, or None when it cannot tell in time: a
+        back office that hangs must not turn the check into a harness error."""
+        try:
+            return await self._bounded(asyncio.ensure_future(adapter.explain(
+                server_id, frozenset({self.agent.id}))), TRACE_TIMEOUT_S)
+        except (TimeoutError, TargetError):
+            return None
 
     async def _reply(self, customer: CustomerSession, agent_session: AgentSession,
                      channel: str, name: str, server_id: str | None, delivered: bool) -> None:
@@ -412,15 +432,13 @@ async def check_target(spec: CanaryTarget, settings: CheckSettings, run_id: str,
         try:
             for agent in spec.agents:
                 check = AgentCheck(spec, agent, settings, codec, customer_url,
-                                   profile.name if profile is not None else "")
+                                   profile.name if profile is not None else "", on_result)
                 if unreachable is not None:
-                    check._fail_rest(unreachable.status, Cause(unreachable.cause or
+                    check.fail_rest(unreachable.status, Cause(unreachable.cause or
                                                                Cause.TRANSPORT.value),
                                      f"not tried: {unreachable.detail}")
                 else:
                     await check.run(adapter, customer_adapter)
-                for result in check.results:
-                    on_result(result)
                 results.extend(check.results)
                 first = check.results[0] if check.results else None
                 if (first is not None and first.cause is not None

@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatprobe.canary.model import CHECK_KINDS, IDLE
 from chatprobe.config import AgentCredential, TargetConfig, load_target, read_document
 from chatprobe.errors import HarnessError
 from chatprobe.paths import state_dir
+
+if TYPE_CHECKING:  # imported when a config has these sections, not for every canary
+    from chatprobe.canary.alerts import AlertConfig
+    from chatprobe.canary.metrics import PrometheusConfig
 
 DEFAULT_BUDGET_S = 45.0  # cron runs every 60 s: a run never overlaps the next one
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -59,8 +63,8 @@ class CanaryConfig:
     stale_after_s: float = 180.0
     control_url: str | None = None
     alluredir: Path | None = None
-    prometheus: Any = None  # metrics.PrometheusConfig, parsed there
-    alert: Any = None  # alerts.AlertConfig, parsed there
+    prometheus: PrometheusConfig | None = None  # parsed by canary.metrics
+    alert: AlertConfig | None = None  # parsed by canary.alerts
 
     def check_ids(self) -> list[str]:
         return [check for target in self.targets for check in target.check_ids()]

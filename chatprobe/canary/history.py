@@ -71,11 +71,18 @@ class TargetFigures:
 
 
 class HistoryStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, timeout_s: float = 10.0, read_only: bool = False) -> None:
+        """``timeout_s``: how long to wait for a writer that holds the store;
+        ``read_only``: never create or change it (``chatprobe history``)."""
         self.path = path
         try:
+            if read_only:
+                self.db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                                          timeout=timeout_s, isolation_level=None)
+                self.db.execute("SELECT COUNT(*) FROM runs")
+                return
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(path, timeout=10, isolation_level=None)
+            self.db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -139,8 +146,9 @@ class HistoryStore:
 
     def figures(self, since: float, window: str) -> list[TargetFigures]:
         """Availability and latency per target since ``since``. A run counts as available
-        for a target when every check of that target in it passed (OK or WARNING); runs in
-        which only the canary's own host was broken do not count either way."""
+        for a target when every judged check of that target in it passed (OK or WARNING)
+        and as unavailable when one failed (CRITICAL); checks the canary could not judge
+        (UNKNOWN) and runs in which only its own host was broken count neither way."""
         rows = self.db.execute(
             "SELECT c.run, c.target, c.kind, c.status, c.latency_ms FROM checks c "
             "JOIN runs r ON r.id = c.run WHERE r.started >= ? AND r.host_broken = 0",
@@ -149,8 +157,10 @@ class HistoryStore:
         runs: dict[str, set[int]] = {}
         latencies: dict[str, list[float]] = {}
         for run, target, kind, status, latency in rows:
+            if status == Status.UNKNOWN.name:
+                continue
             runs.setdefault(target, set()).add(run)
-            if status not in (Status.OK.name, Status.WARNING.name):
+            if status == Status.CRITICAL.name:
                 failed.setdefault(target, set()).add(run)
             if kind == LATENCY and latency is not None:
                 latencies.setdefault(target, []).append(float(latency))

@@ -28,6 +28,7 @@ from chatprobe.canary.alerts import is_http_url
 from chatprobe.canary.model import SEVERITY, CanaryRun, CheckResult
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError
+from chatprobe.redact import one_line, public_url
 from chatprobe.verdict import Status
 
 DEFAULT_JOB = "chatprobe_canary"
@@ -103,17 +104,7 @@ def parse_prometheus_config(document: Any, source: str, *,
                             timeout_s=float(timeout))
 
 
-def safe_target(target: str) -> str:
-    """A target as a label value: a URL loses its user:password, query and fragment (where
-    tokens live); a plain name (the canary config's case) is unchanged."""
-    try:
-        parts = urllib.parse.urlsplit(target)
-    except ValueError:  # not a valid URL after all: still drop what could be secret
-        return target.partition("?")[0].rpartition("@")[2]
-    if not parts.scheme or not parts.netloc:
-        return target
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+safe_target = public_url  # a target as a label value: no credentials, query, fragment
 
 
 def _cause_label(cause: str | None) -> str:
@@ -305,17 +296,6 @@ def build_registry(run: CanaryRun, availability: Mapping[str, float]) -> Collect
     return registry
 
 
-def _redacted(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2],
-                                    parts.path, "", ""))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
-
-
 def _push_problem(exc: Exception) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         # The Pushgateway says why it refused a push (e.g. inconsistent help text) in the body.
@@ -323,11 +303,11 @@ def _push_problem(exc: Exception) -> str:
             body = exc.read(300).decode("utf-8", "replace")
         except Exception:
             body = ""
-        return _one_line(Exception(f"HTTP {exc.code} {exc.reason} {body}"))
+        return one_line(Exception(f"HTTP {exc.code} {exc.reason} {body}"))
     if isinstance(exc, urllib.error.URLError):
-        return _one_line(exc.reason if isinstance(exc.reason, BaseException)
+        return one_line(exc.reason if isinstance(exc.reason, BaseException)
                          else Exception(str(exc.reason)))
-    return _one_line(exc)
+    return one_line(exc)
 
 
 def _push_handler(gateway: str) -> tuple[str, Callable[..., Callable[[], None]]]:
@@ -356,7 +336,7 @@ def export(run: CanaryRun, availability: Mapping[str, float],
     try:
         registry = build_registry(run, availability)
     except Exception as exc:  # a bug here must still not cost the run its exit code
-        return [f"prometheus: could not build metrics: {_one_line(exc)}"]
+        return [f"prometheus: could not build metrics: {one_line(exc)}"]
     if config.textfile is not None:
         try:
             # write_to_textfile writes a temporary file beside the target and renames it,
@@ -364,9 +344,9 @@ def export(run: CanaryRun, availability: Mapping[str, float],
             write_to_textfile(str(config.textfile), registry)
         except OSError as exc:
             problems.append(f"prometheus textfile {config.textfile}: "
-                            f"{exc.strerror or _one_line(exc)}")
+                            f"{exc.strerror or one_line(exc)}")
         except Exception as exc:
-            problems.append(f"prometheus textfile {config.textfile}: {_one_line(exc)}")
+            problems.append(f"prometheus textfile {config.textfile}: {one_line(exc)}")
     if config.pushgateway is not None:
         url, handler = _push_handler(config.pushgateway)
         try:
@@ -376,6 +356,6 @@ def export(run: CanaryRun, availability: Mapping[str, float],
                             grouping_key=dict(config.grouping) or None,
                             timeout=config.timeout_s, handler=handler)
         except Exception as exc:  # URLError, timeouts, HTTP errors, bad replies alike
-            problems.append(f"prometheus pushgateway {_redacted(config.pushgateway)}: "
+            problems.append(f"prometheus pushgateway {public_url(config.pushgateway)}: "
                             f"{_push_problem(exc)}")
     return problems

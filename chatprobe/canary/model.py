@@ -6,6 +6,7 @@ metrics and alerts line up); its status follows the Nagios convention of verdict
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -57,6 +58,13 @@ class CheckResult:
         document["status"] = self.status.name
         document["check"] = self.check_id
         return document
+
+    @classmethod
+    def unjudged(cls, check_id: str, why: str) -> CheckResult:
+        """UNKNOWN for a check that did not run to its verdict."""
+        target, agent, channel, kind = check_id.split("/", 3)
+        return cls(target, agent, channel, kind, Status.UNKNOWN, None, why,
+                   started=time.time())
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> CheckResult:

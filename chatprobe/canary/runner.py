@@ -9,12 +9,14 @@ and the alert state. Harness problems make the run UNKNOWN, never CRITICAL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from chatprobe.canary.config import CanaryConfig
@@ -31,8 +34,12 @@ from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError
 from chatprobe.paths import project_root
 
-# Kept back from the budget for what follows the checks (history, metrics, alerts).
-RESERVE_S = 3.0
+if TYPE_CHECKING:
+    from chatprobe.canary.alerts import AlertConfig
+
+# Kept back from the budget for what follows the checks (history, metrics, alerts), which
+# share what is left of it.
+RESERVE_S = 5.0
 KILL_GRACE_S = 1.5  # the suite's own deadline comes first; this only catches a stuck child
 HOST_CAUSES = frozenset({Cause.TRANSPORT.value})
 
@@ -147,12 +154,15 @@ def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path) -> None:
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         run.results = read_results(results_path)
-    expected = config.check_ids()
     got = {r.check_id for r in run.results}
-    run.partial = any(check not in got for check in expected)
+    missing = [check for check in config.check_ids() if check not in got]
+    run.partial = bool(missing)
     if run.partial and run.harness_error is None:
         run.harness_error = (f"the suite ended (pytest exit {returncode}) before every check "
                              f"had run; its output is in {log_path}")
+    # Checks that never ran are reported as such (UNKNOWN), not left out of the run.
+    run.results += [CheckResult.unjudged(check, f"not run: {run.harness_error}")
+                    for check in missing]
 
 
 def _host_broken(config: CanaryConfig, run: CanaryRun) -> bool:
@@ -167,9 +177,11 @@ def _host_broken(config: CanaryConfig, run: CanaryRun) -> bool:
 
 def run_canary(config: CanaryConfig, json_path: Path | None = None) -> tuple[CanaryRun,
                                                                                list[str]]:
-    """One canary run. Returns the run and the problems of its side jobs (metrics,
-    alerts), which are reported but never change what the run found."""
+    """One canary run. Returns the run and the problems of its side jobs (history, metrics,
+    alerts), which are reported but never change what the run found. The side jobs share
+    what is left of the budget, so the whole run ends within it."""
     started = time.time()
+    ends_at = started + config.budget_s
     run = CanaryRun(new_run_id(started), started)
     problems: list[str] = []
     with run_lock(config.lock):
@@ -180,13 +192,18 @@ def run_canary(config: CanaryConfig, json_path: Path | None = None) -> tuple[Can
         run_suite(config, run, log_path)
         run.host_broken = _host_broken(config, run)
         run.duration_s = time.time() - started
-        store = HistoryStore(config.history)
+        store: HistoryStore | None = None
         try:
+            store = HistoryStore(config.history, timeout_s=_left(ends_at))
             store.append(run)
             store.prune(config.retention_days * 86400, time.time())
-            problems += _side_jobs(config, run, store)
+        except (HarnessError, sqlite3.Error) as exc:
+            problems.append(f"history: {exc}")
+        try:
+            problems += _side_jobs(config, run, store, ends_at)
         finally:
-            store.close()
+            if store is not None:
+                store.close()
     if json_path is not None:
         try:
             json_path.write_text(json.dumps(run.to_json(), indent=2) + "\n", encoding="utf-8")
@@ -195,22 +212,50 @@ def run_canary(config: CanaryConfig, json_path: Path | None = None) -> tuple[Can
     return run, problems
 
 
-def _side_jobs(config: CanaryConfig, run: CanaryRun, store: HistoryStore) -> list[str]:
+def _left(ends_at: float) -> float:
+    """Seconds left of the run's budget for a side job (a little, never nothing)."""
+    return max(0.1, ends_at - time.time())
+
+
+def _side_jobs(config: CanaryConfig, run: CanaryRun, store: HistoryStore | None,
+               ends_at: float) -> list[str]:
     problems: list[str] = []
     if config.prometheus is not None:
         from chatprobe.canary.metrics import export
 
-        hour = {f.target: f.availability for f in store.figures(time.time() - 3600,
-                                                                "last hour")
+        try:
+            hour = {} if store is None else {
+                f.target: f.availability
+                for f in store.figures(time.time() - 3600, "last hour")
                 if f.availability is not None}
-        problems += export(run, hour, config.prometheus)
+            prometheus = dataclasses.replace(config.prometheus, timeout_s=min(
+                config.prometheus.timeout_s, _left(ends_at) / 2))
+            problems += export(run, hour, prometheus)
+        except (HarnessError, sqlite3.Error) as exc:
+            problems.append(f"metrics: {exc}")
     if config.alert is not None:
-        from chatprobe.canary.alerts import decide, deliver, state_from_json, state_to_json
+        problems += _alerts(config, config.alert, run, store, ends_at)
+    return problems
 
-        state = state_from_json(store.get_state("alerts") or {})
-        state, alerts = decide(state, run, config.alert.after_failures, time.time())
-        # An alert the webhook did not take stays pending in the state for the next run.
-        state, sent_problems = deliver(state, alerts, config.alert)
-        problems += sent_problems
+
+def _alerts(config: CanaryConfig, alert: AlertConfig, run: CanaryRun,
+            store: HistoryStore | None, ends_at: float) -> list[str]:
+    from chatprobe.canary.alerts import decide, deliver, state_from_json, state_to_json
+
+    if store is None:
+        return ["alerts: not sent, the history (which keeps their state) is not available"]
+    try:
+        state = state_from_json(store.get_state("alerts"))
+    except (HarnessError, sqlite3.Error) as exc:
+        # Starting afresh would forget open alerts and never send their recoveries.
+        return [f"alerts: not sent, their saved state is unreadable ({exc}); repair or "
+                f"delete the 'alerts' row of the state table in {config.history}"]
+    state, alerts = decide(state, run, alert.after_failures, time.time())
+    alert_config = dataclasses.replace(alert, timeout_s=min(alert.timeout_s, _left(ends_at)))
+    # An alert the webhook did not take stays pending in the state for the next run.
+    state, problems = deliver(state, alerts, alert_config)
+    try:
         store.set_state("alerts", state_to_json(state))
+    except sqlite3.Error as exc:
+        problems.append(f"alerts: state not saved: {exc}")
     return problems

@@ -31,6 +31,7 @@ class CanarySuite:
         self.deadline = deadline
         self.run_id = run_id
         self.results: dict[str, CheckResult] = {}
+        self.ran = False
 
     def _record(self, result: CheckResult) -> None:
         self.results[result.check_id] = result
@@ -41,7 +42,8 @@ class CanarySuite:
                 os.fsync(handle.fileno())
 
     def result(self, check_id: str) -> CheckResult:
-        if not self.results:
+        if not self.ran:
+            self.ran = True  # once, whatever happens: never a second round of messages
             asyncio.run(self._run_all())
         found = self.results.get(check_id)
         if found is None:
@@ -56,8 +58,17 @@ class CanarySuite:
             # The deadline is wall-clock (it crosses processes); the checks count in
             # monotonic time.
             time.monotonic() + self.deadline - time.time())
-        await asyncio.gather(*(check_target(target, settings, self.run_id, self._record)
-                               for target in self.config.targets))
+        outcomes = await asyncio.gather(
+            *(check_target(target, settings, self.run_id, self._record)
+              for target in self.config.targets), return_exceptions=True)
+        for target, outcome in zip(self.config.targets, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                # A harness fault in one target's checks: its unfinished checks could not
+                # be judged (UNKNOWN); the other targets' results stand.
+                why = f"not judged: harness error {type(outcome).__name__}: {outcome}"
+                for check_id in target.check_ids():
+                    if check_id not in self.results:
+                        self._record(CheckResult.unjudged(check_id, why))
 
 
 def report(result: CheckResult) -> None:

@@ -44,7 +44,10 @@ async def behind(target_url: str, profile: Profile | None,
         raise HarnessError(f"cannot put a network profile in front of {target_url}")
     port = parts.port or DEFAULT_PORTS.get(parts.scheme, 80)
     secure = parts.scheme in ("https", "wss")
-    spec = kernel.KernelSpec.from_plan(profile, plan_here(profile, target_url))
+    # Kernel work (detection, building, counters, removal) runs off the event loop: other
+    # measurements on this loop (the canary's other targets) must not wait for it.
+    spec = kernel.KernelSpec.from_plan(profile, await asyncio.to_thread(plan_here, profile,
+                                                                         target_url))
     path = kernel.KernelPath(spec) if spec.active else None
     listen_sock: socket.socket | None = None
     try:
@@ -65,12 +68,13 @@ async def behind(target_url: str, profile: Profile | None,
             await proxy.close()
             if path is not None:
                 with contextlib.suppress(kernel.KernelError):
-                    proxy.stats.kernel = path.counters()
+                    proxy.stats.kernel = await asyncio.to_thread(path.counters)
     finally:
         if listen_sock is not None:
             listen_sock.close()
         if path is not None:
-            path.close()
+            # Shielded: a cancelled caller still gets the path removed (the thread runs on).
+            await asyncio.shield(asyncio.to_thread(path.close))
 
 
 class ProxyThread:

@@ -18,17 +18,16 @@ import dataclasses
 import hashlib
 import json
 import platform
-import re
 import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from chatprobe import __version__
 from chatprobe.config import TargetConfig
+from chatprobe.redact import mask_secrets, public_url, scrub
 from chatprobe.report.categories import (
     HARNESS,
     SLA,
@@ -40,30 +39,14 @@ from chatprobe.verdict import Status, render_table
 
 ALLURE_STATUS = {Status.OK: "passed", Status.WARNING: "failed", Status.CRITICAL: "failed",
                  Status.UNKNOWN: "broken"}
-MASK = "******"
 EVIDENCE_STEPS = 50  # lost/late messages shown one by one; the rest are in the attachments
 
 
-def public_url(url: str) -> str:
-    """A URL without user:password, query or fragment (where tokens travel)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 def masked_config(config: TargetConfig) -> dict[str, Any]:
-    """The target config as run, with every secret replaced."""
-    document = dataclasses.asdict(config)
-    document["agents"] = [{"id": agent.id, "token": MASK} for agent in config.agents]
-    if document.get("admin_token"):
-        document["admin_token"] = MASK
-    document["extra"] = {key: (MASK if any(word in key.lower() for word in (
-        "token", "secret", "password", "key")) else value)
-        for key, value in config.extra.items()}
-    return document
+    """The target config as run, with every secret replaced (tokens, the admin token,
+    passwords anywhere in ``extra``)."""
+    masked: dict[str, Any] = scrub(dataclasses.asdict(config))
+    return masked
 
 
 def _history_id(*parts: str) -> str:
@@ -163,10 +146,7 @@ def _dominant(doc: dict[str, Any]) -> tuple[str, str]:
     for outcome in ("run", "lost", "late"):
         for row in rows:
             if row["outcome"] == outcome:
-                category = category_of(row["cause"])
-                if outcome == "late" and category not in (SLA,) and row["cause"] == "sla.slow":
-                    category = SLA
-                return category, row["explanation"]
+                return category_of(row["cause"]), row["explanation"]
     if doc.get("late"):
         return SLA, f"{doc['late']} messages later than {doc['sla_ms']:g} ms"
     return category_of(None), "failed"
@@ -187,15 +167,6 @@ def run_status(doc: dict[str, Any]) -> tuple[str, str]:
         return "passed", counts
     category, why = _dominant(doc)
     return ALLURE_STATUS[status], message(category, f"{counts}. {why}")
-
-
-SECRET_FIELD = re.compile(r'("(?:token|password|secret|access_token|admin_token)"\s*:\s*")'
-                          r'[^"]*(")', re.IGNORECASE)
-
-
-def mask_secrets(text: str) -> str:
-    """Frames are kept as sent; a credential in one never reaches the report."""
-    return SECRET_FIELD.sub(rf"\g<1>{MASK}\g<2>", text)
 
 
 def _frames_text(frames: list[dict[str, Any]], stamp: str) -> str:
@@ -295,13 +266,12 @@ def write_probe_results(directory: Path, doc: dict[str, Any], table: str,
         if examples:
             result.attach("lost and late messages.html", _evidence_table(examples),
                           "text/html", "html")
-            result.attach("lost and late messages.json",
-                          mask_secrets(json.dumps(examples, indent=2)), "application/json",
-                          "json")
+            result.attach("lost and late messages.json", json.dumps(scrub(examples), indent=2),
+                          "application/json", "json")
         result.attach("summary.txt", render_table(document), "text/plain", "txt")
         if len(documents) > 1:
             result.attach("profiles side by side.txt", table, "text/plain", "txt")
-        result.attach("summary.json", mask_secrets(json.dumps(document, indent=2)),
+        result.attach("summary.json", json.dumps(scrub(document), indent=2),
                       "application/json", "json")
         if config is not None:
             result.attach("configuration.json", json.dumps(masked_config(config), indent=2),
@@ -390,7 +360,7 @@ def write_swarm_results(directory: Path, doc: dict[str, Any], table: str, starte
             if len(documents) > 1:
                 result.attach("profiles side by side.txt", table, "text/plain", "txt")
             result.attach("summary.json",
-                          mask_secrets(json.dumps(_without_histograms(document), indent=2)),
+                          json.dumps(scrub(_without_histograms(document)), indent=2),
                           "application/json", "json")
             if config is not None:
                 result.attach("configuration.json",
