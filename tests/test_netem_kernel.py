@@ -103,8 +103,10 @@ def test_five_percent_loss_adds_tail_latency_and_loses_nothing(
     # TCP turns every lost segment into a retransmission: no message lost, the tail grows.
     assert reference_service.stats()["accepted"] == 400
     tail, clean_tail = doc["latency_ms"], clean["latency_ms"]
-    assert tail["p99"] > clean_tail["p99"] or tail["max"] > clean_tail["max"], (clean_tail,
-                                                                                 tail)
+    # About one message in ten loses a segment (5 % each way) and waits for its
+    # retransmission: the p99 (the 2nd-slowest of 200) is one of them, whatever the clean
+    # run's own hiccups.
+    assert tail["p99"] > clean_tail["p99"], (clean_tail, tail)
 
 
 def test_a_pmtu_blackhole_loses_large_messages_and_mss_clamping_fixes_it(

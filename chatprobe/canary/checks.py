@@ -129,6 +129,10 @@ class AgentCheck:
                     continue
                 self._result(channel, kind, status, now, cause, detail)
 
+    def _customer_name(self, channel: str) -> str:
+        """The synthetic customer (and its conversation) of this agent on ``channel``."""
+        return f"canary-{self.codec.run}-{self.agent.id}-{channel}"
+
     # -- time ----------------------------------------------------------------------------
 
     def _left(self, wanted_s: float) -> float:
@@ -181,7 +185,7 @@ class AgentCheck:
                        agent_session: AgentSession, channel: str, first: bool) -> None:
         started = time.monotonic()
         kinds = self.spec.checks
-        name = f"canary-{self.codec.run}-{self.agent.id}-{channel}"
+        name = self._customer_name(channel)
         customer: CustomerSession | None = None
         try:
             try:
@@ -273,7 +277,7 @@ class AgentCheck:
                              wait: bool) -> tuple[float, str | None, Diagnosis | None]:
         """Send stamped message ``seq``; wait (bounded) for the agent to get it. Returns the
         send time, the platform's id for it and, if it did not arrive, the diagnosis."""
-        name = f"canary-{self.codec.run}-{self.agent.id}-{channel}"
+        name = self._customer_name(channel)
         sent_at = time.monotonic()
         text = self.codec.stamp_text(SYNTHETIC_MARK, name, name, seq,
                                      time.monotonic_ns() // 1000)
