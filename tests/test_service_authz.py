@@ -72,7 +72,7 @@ def test_the_back_office_refuses_every_request_without_the_admin_token(
 async def nothing_else_arrives(ws: ClientConnection) -> list[Frame]:
     """Every frame the service queued for ``ws`` so far: a ping's pong comes after them."""
     await ws.send(json.dumps({"type": "ping", "echo": "fence"}))
-    frames = []
+    frames: list[Frame] = []
     while True:
         frame: Frame = json.loads(await ws.recv())
         if frame["type"] == "pong" and frame.get("echo") == "fence":
