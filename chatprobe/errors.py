@@ -12,6 +12,11 @@ from chatprobe.diagnosis import Cause, Diagnosis
 class HarnessError(Exception):
     """chatprobe could not run; the message is one line for the user."""
 
+    def __init__(self, message: str) -> None:
+        # One line whatever it quotes: a hostile or broken file's keys and values can hold
+        # line breaks and control characters.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
 
 class TargetError(Exception):
     """The target failed (unreachable, rejected login, garbage frames)."""

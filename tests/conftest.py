@@ -134,3 +134,14 @@ def reference_service(tmp_path: Path) -> Iterator[ServiceProcess]:
         yield service
     finally:
         service.stop()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What the fuzz tests tried (tests/test_fuzz.py record it as a user property), so a CI
+    log shows how much hostile input passed, not just that the tests did."""
+    lines = [value for report in terminalreporter.stats.get("passed", [])
+             for name, value in getattr(report, "user_properties", []) if name == "fuzz"]
+    if lines:
+        terminalreporter.write_sep("-", "fuzz")
+        for line in sorted(lines):
+            terminalreporter.write_line(str(line))

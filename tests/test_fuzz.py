@@ -1,0 +1,236 @@
+"""Hostile input never crashes the harness or corrupts a result (issue 8 item 3): hypothesis
+throws generated input at the stamp parser and the ledger, the reference protocol's codec and
+client, the WebSocket client's frame parser and every config loader, for a bounded number of
+inputs each. The only exceptions allowed are each entry point's documented one-line errors.
+The count of inputs tried is printed in the test summary (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chatprobe.canary.config import parse_canary
+from chatprobe.config import load_target, parse_target
+from chatprobe.errors import HarnessError, TargetError
+from chatprobe.ledger import Ledger, Receipt
+from chatprobe.profiles import parse_profile
+from chatprobe.protocols import wire
+from chatprobe.protocols.reference import ReferenceAdapter, _Link
+from chatprobe.stamp import StampCodec
+from chatprobe.swarm.scripts import parse_script
+from chatprobe.swarm.shapes import parse_shape
+from tests.conftest import TIMEOUT_SCALE
+
+# Inputs per target; the whole module stays around a minute on this 2-core machine.
+EXAMPLES = int(2000 * TIMEOUT_SCALE)
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
+                                                                 max_size=6),
+    max_leaves=30)
+
+
+class Tally:
+    """Counts the inputs a fuzz test tried and reports them for the summary."""
+
+    def __init__(self, record: Callable[[str, object], None], name: str) -> None:
+        self.record, self.name, self.count = record, name, 0
+        self.started = time.monotonic()
+
+    def __call__(self) -> None:
+        self.count += 1
+
+    def report(self) -> None:
+        """Called at the end of the test: a property recorded later misses its report."""
+        self.record("fuzz", f"{self.name}: {self.count} inputs in "
+                            f"{time.monotonic() - self.started:.1f} s, no crash")
+
+
+@pytest.fixture
+def tally(record_property: Callable[[str, object], None],
+          request: pytest.FixtureRequest) -> Tally:
+    return Tally(record_property, request.node.name.removeprefix("test_"))
+
+
+def test_stamp_parser_and_ledger_never_count_a_forgery_as_delivered(tally: Tally) -> None:
+    codec = StampCodec.new_run("fuzzrun")
+    genuine = codec.stamp_text("is it in stock?", "c1", "c1", 1, 1000)
+    third_party = StampCodec("fuzzrun", b"someone else's key")
+
+    @FUZZ
+    @given(st.one_of(
+        st.text(max_size=300),
+        # A genuine stamp with a stretch of it replaced: a corrupted or forged copy.
+        st.tuples(st.integers(0, len(genuine)), st.integers(0, 12), st.text(max_size=12)).map(
+            lambda cut: genuine[:cut[0]] + cut[2] + genuine[cut[0] + cut[1]:]),
+        # A correctly formed stamp of the same run signed with another key.
+        st.tuples(st.text(max_size=40), st.integers(1, 5)).map(
+            lambda made: third_party.stamp_text(made[0], "c1", "c1", made[1], 1000)),
+    ))
+    def check(text: str) -> None:
+        tally()
+        ledger = Ledger(codec, 1_000_000, 2_000_000)
+        ledger.record_send("c1", "c1", 1, 1000, 1000)
+        parsed = codec.parse(text)
+        receipt = ledger.record_received(text, "agent", 2000)
+        if text != genuine and (parsed is None or not parsed.valid or parsed.foreign):
+            assert ledger.counts.delivered == 0, text
+            assert receipt is not Receipt.FIRST
+            if parsed is not None and not parsed.valid and not parsed.foreign:
+                assert receipt is Receipt.FORGED and ledger.counts.forged == 1
+        if parsed is not None and parsed.valid and not parsed.foreign:
+            # Only the genuine text (or one whose body part alone changed into an
+            # equally valid one, impossible without the key) checks.
+            assert codec.parse(text) == parsed
+
+    check()
+    tally.report()
+
+
+def test_the_wire_codec_turns_any_text_into_a_frame_or_a_protocol_error(tally: Tally) -> None:
+    nested = st.integers(1, 5000).map(lambda depth: "[" * depth + "]" * depth)
+
+    @FUZZ
+    @given(st.one_of(st.text(), st.binary(max_size=200), nested,
+                     json_values.map(json.dumps),
+                     st.dictionaries(st.text(max_size=10), json_values, max_size=6).map(
+                         lambda d: json.dumps({"type": "message", **d}))))
+    def check(text: str | bytes) -> None:
+        tally()
+        try:
+            frame = wire.decode(text)
+        except wire.ProtocolError:
+            return
+        assert isinstance(frame, dict) and isinstance(frame["type"], str)
+        wire.decode(wire.encode(frame))  # whatever was accepted goes back out
+
+    check()
+    tally.report()
+
+
+def test_the_reference_client_survives_any_frame_from_the_target(tally: Tally) -> None:
+    adapter = ReferenceAdapter("http://127.0.0.1:9", load_target(None))
+    kinds = st.sampled_from(["ack", "message", "error", "opened", "welcome", "closed",
+                             "status", "assigned", "pong", "x"])
+
+    async def run_all() -> None:
+        received: list[object] = []
+        link = _Link(adapter, {"type": "hello"}, received.append, lambda kind, detail: None)
+
+        @FUZZ
+        @given(st.one_of(
+            st.text(max_size=200),
+            st.builds(lambda kind, fields: json.dumps({**fields, "type": kind}), kinds,
+                      st.dictionaries(st.sampled_from(["id", "client_msg_id", "ref", "code",
+                                                       "text", "conversation", "ts"]),
+                                      json_values, max_size=5))))
+        def check(raw: str) -> None:
+            tally()
+            # A protocol error or a session ended by the target is reported: allowed.
+            with contextlib.suppress(TargetError):
+                link.on_raw(raw)
+
+        check()
+
+    asyncio.run(run_all())
+    tally.report()
+
+
+def test_the_websocket_client_survives_any_bytes_after_the_handshake(tally: Tally) -> None:
+    from websockets.client import ClientProtocol
+    from websockets.protocol import State
+    from websockets.uri import parse_uri
+    from websockets.utils import accept_key
+
+    from chatprobe.protocols.websocket import WebSocket
+
+    class Transport:
+        """Where the client writes: nowhere (the peer is the fuzzer)."""
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def can_write_eof(self) -> bool:
+            return False
+
+        def abort(self) -> None:
+            pass
+
+    small_frames = st.builds(
+        lambda opcode, fin, payload, extra: bytes([fin << 7 | opcode, len(payload)])
+        + payload + extra, st.integers(0, 15), st.integers(0, 1),
+        st.binary(max_size=125), st.binary(max_size=20))
+    oversized = st.integers(1 << 20, 1 << 40).map(
+        lambda size: bytes([0x81, 127]) + size.to_bytes(8, "big"))
+
+    async def run_all() -> None:
+        @FUZZ
+        @given(st.lists(st.one_of(st.binary(max_size=300), small_frames, oversized),
+                        max_size=6))
+        def check(chunks: list[bytes]) -> None:
+            tally()
+            protocol = ClientProtocol(parse_uri("ws://127.0.0.1:9/ws"), max_size=1 << 20)
+            request = protocol.connect()
+            protocol.send_request(request)
+            ws = WebSocket(protocol, 0, 10, 1)
+            ws.transport = Transport()  # type: ignore[assignment]
+            # A real opening handshake first: frames from here on.
+            ws.data_received(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                + accept_key(request.headers["Sec-WebSocket-Key"]).encode() + b"\r\n\r\n")
+            assert ws.opened.done() and protocol.state is State.OPEN
+            messages: list[object] = []
+            ws.deliver_to(messages.append)
+            for chunk in chunks:
+                ws.data_received(chunk)
+            for message in messages:
+                assert isinstance(message, str | bytes)
+                if isinstance(message, str):
+                    message.encode()  # valid UTF-8 or never delivered
+
+        check()
+
+    asyncio.run(run_all())
+    tally.report()
+
+
+def test_every_config_loader_answers_any_document_with_one_line(tally: Tally,
+                                                                tmp_path: Path) -> None:
+    loaders: list[Callable[[Any], object]] = [
+        lambda d: parse_target(d, "fuzz.yaml"),
+        lambda d: parse_profile(d, "fuzz.yaml"),
+        lambda d: parse_shape(d, "fuzz.yaml"),
+        lambda d: parse_script(d, "fuzz.yaml"),
+        lambda d: parse_canary(d, tmp_path / "canary.yaml"),
+    ]
+    documents = st.one_of(json_values, st.dictionaries(
+        st.sampled_from(["agents", "channels", "targets", "stages", "steps", "up", "down",
+                         "link", "middlebox", "budget_s", "thresholds", "name", "url",
+                         "sla_ms", "deadline_ms", "protocol", "toxicity"]),
+        json_values, max_size=5))
+
+    @FUZZ
+    @given(st.sampled_from(range(len(loaders))), documents)
+    def check(which: int, document: Any) -> None:
+        tally()
+        try:
+            loaders[which](document)
+        except HarnessError as exc:
+            assert "\n" not in str(exc) and str(exc), repr(exc)
+
+    check()
+    tally.report()
