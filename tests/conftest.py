@@ -145,3 +145,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_sep("-", "fuzz")
         for line in sorted(lines):
             terminalreporter.write_line(str(line))
+
+
+def pytest_collection_modifyitems(items: list[Any]) -> None:
+    """The fuzz tests last: they keep a core busy for a while, which the timing-sensitive
+    tests (emulated latencies, generator health) should not share."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_fuzz.py"))

@@ -217,9 +217,14 @@ def test_a_swarm_behind_profiles_measures_each_side_and_reconciles(
                        "0.1", "--deadline-ms", "3000", "--profile", f"clean,{uplink}",
                        "--agent-profile", str(agents), "--json", str(tmp_path / "out.json"),
                        timeout=240)
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     doc = json.loads((tmp_path / "out.json").read_text())
     clean, slow = doc["profiles"]
+    if result.returncode == 3:
+        # The suite's other workers can starve the generator; then a run must say so
+        # (invalid, with reasons). What it measured still reconciles below.
+        assert any(run["valid"] is False and run["invalid_reasons"] for run in (clean, slow))
+    else:
+        assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     stats = reference_service.stats()
     assert clean["sent"] + slow["sent"] == stats["accepted"] + stats["replies"]
     for run in (clean, slow):
