@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from chatprobe import __version__
-from chatprobe.config import TargetConfig, load_target, with_overrides
+from chatprobe.config import ADMIN_TOKEN_ENV, TargetConfig, load_target, with_overrides
 from chatprobe.errors import HarnessError
 from chatprobe.verdict import RunSummary, Status, render_table
 
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the reference customer-service chat service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_port, default=8765, help="0 picks a free port")
-    serve.add_argument("--admin-token", help="admin API token (default: generated, printed)")
+    serve.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
+                       help=f"admin API token (default: ${ADMIN_TOKEN_ENV}, else generated and "
+                       "printed; on the command line it is visible to ps)")
     serve.add_argument("--config", type=Path, help="shops/agents YAML or JSON "
                        "(default: fixtures/shops/demo.yaml)")
     serve.add_argument("--db", help="SQLite file (default: ~/.local/state/chatprobe/"
@@ -153,7 +155,9 @@ def _swarm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think-scale", type=_positive_float, default=1.0,
                         help="multiply every think time (smaller: more messages/s)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="target config")
-    parser.add_argument("--admin-token", help="back-office token")
+    parser.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
+                        help=f"back-office token (default: ${ADMIN_TOKEN_ENV}; on the command "
+                        "line it is visible to ps)")
     parser.add_argument("--sla-ms", type=_positive_float)
     parser.add_argument("--deadline-ms", type=_positive_float)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
@@ -180,7 +184,9 @@ def _probe_arguments(parser: argparse.ArgumentParser, target_required: bool) -> 
                         help="planned send rate; latency counts from each planned time")
     parser.add_argument("--config", type=Path, metavar="FILE", help="target config "
                         "(default: fixtures/targets/reference.yaml)")
-    parser.add_argument("--admin-token", help="back-office token for message traces")
+    parser.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
+                        help=f"back-office token for message traces (default: "
+                        f"${ADMIN_TOKEN_ENV}; on the command line it is visible to ps)")
     parser.add_argument("--sla-ms", type=_positive_float, help="late after this (default 3000)")
     parser.add_argument("--deadline-ms", type=_positive_float,
                         help="lost after this (default 10000)")
@@ -432,8 +438,9 @@ class ServiceSubprocess:
 
         self.admin_token = secrets.token_urlsafe(12)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chatprobe.cli", "serve", "--port", "0", "--db", str(db),
-             "--admin-token", self.admin_token], stdout=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "chatprobe.cli", "serve", "--port", "0", "--db", str(db)],
+            stdout=subprocess.PIPE, text=True,
+            env={**os.environ, ADMIN_TOKEN_ENV: self.admin_token})
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if "listening on " not in line:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from chatprobe.errors import HarnessError
 from chatprobe.paths import fixtures_dir
 
 CHANNELS = ("web", "app", "mini_program")
+# The back-office token's environment variable: secrets stay off command lines, where ps
+# shows them to every user of the machine.
+ADMIN_TOKEN_ENV = "CHATPROBE_ADMIN_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,43 @@ def _number(value: Any, where: str, low: float, high: float) -> float:
     return float(value)
 
 
+def secret(document: dict[str, Any], key: str, where: str, base: Path) -> str | None:
+    """A secret given as ``key`` (in the file), ``key_env`` (the name of an environment
+    variable) or ``key_file`` (a file holding it, relative to the config's folder): the
+    latter two keep it out of config files and off command lines, where ``ps`` shows it."""
+    given = [name for name in (key, f"{key}_env", f"{key}_file")
+             if document.get(name) is not None]
+    if len(given) > 1:
+        raise HarnessError(f"{where}: give one of {', '.join(given)}")
+    if not given:
+        return None
+    value = document[given[0]]
+    if not isinstance(value, str) or not value:
+        raise HarnessError(f"{where}: '{given[0]}' must be a non-empty string")
+    if given[0] == key:
+        return value
+    if given[0].endswith("_env"):
+        found = os.environ.get(value)
+        if not found:
+            raise HarnessError(f"{where}: environment variable {value} (for '{key}') is not "
+                               "set")
+        return found
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else base / path
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise HarnessError(f"{where}: cannot read the '{key}' file {path}") from None
+    if not text:
+        raise HarnessError(f"{where}: the '{key}' file {path} is empty")
+    return text
+
+
 def parse_target(document: Any, source: str) -> TargetConfig:
     if not isinstance(document, dict):
         raise HarnessError(f"{source}: a target config must be a mapping")
-    known = {"protocol", "shop", "agents", "admin_token", "client_version", "channels",
+    known = {"protocol", "shop", "agents", "admin_token", "admin_token_env",
+             "admin_token_file", "client_version", "channels",
              "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s",
              "heartbeat_interval_s", "heartbeat_timeout_s", "long_poll_fallback", "extra"}
     unknown = sorted(str(key) for key in document if key not in known)
@@ -72,10 +109,13 @@ def parse_target(document: Any, source: str) -> TargetConfig:
         raise HarnessError(f"{source}: 'agents' must be a non-empty list of {{id, token}}")
     agents = []
     for i, item in enumerate(agents_raw):
-        if (not isinstance(item, dict) or not isinstance(item.get("id"), str)
-                or not isinstance(item.get("token"), str)):
-            raise HarnessError(f"{source}: agents[{i}] needs string 'id' and 'token'")
-        agents.append(AgentCredential(item["id"], item["token"]))
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise HarnessError(f"{source}: agents[{i}] needs a string 'id'")
+        token = secret(item, "token", f"{source}: agents[{i}]", Path(source).parent)
+        if token is None:
+            raise HarnessError(f"{source}: agents[{i}] needs 'token', 'token_env' or "
+                               "'token_file'")
+        agents.append(AgentCredential(item["id"], token))
     channels_raw = document.get("channels", ["web"])
     if isinstance(channels_raw, str):
         channels_raw = [channels_raw]
@@ -85,9 +125,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
     for key in ("protocol", "shop", "client_version"):
         if key in document and not isinstance(document[key], str):
             raise HarnessError(f"{source}: '{key}' must be a string")
-    admin_token = document.get("admin_token")
-    if admin_token is not None and not isinstance(admin_token, str):
-        raise HarnessError(f"{source}: 'admin_token' must be a string or null")
+    admin_token = secret(document, "admin_token", source, Path(source).parent)
     sla = _number(document.get("sla_ms", 3000), f"{source}: sla_ms", 1, 3_600_000)
     deadline = _number(document.get("deadline_ms", 10000), f"{source}: deadline_ms", 1,
                        3_600_000)

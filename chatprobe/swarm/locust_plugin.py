@@ -28,7 +28,7 @@ from locust import LoadTestShape, User, argument_parser, events
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
-from chatprobe.config import load_target, with_overrides
+from chatprobe.config import ADMIN_TOKEN_ENV, load_target, with_overrides
 from chatprobe.diagnosis import Cause, Diagnosis
 from chatprobe.errors import HarnessError
 from chatprobe.ledger import MessageRecord, Outcome
@@ -79,7 +79,10 @@ def _options(parser: Any) -> None:
                        "(default: the script's reconnect_share)")
     group.add_argument("--cp-json", default="", help="write chatprobe's summary JSON here",
                        include_in_web_ui=False)
-    group.add_argument("--cp-admin-token", default="", include_in_web_ui=False)
+    # Default from the environment: `chatprobe swarm` passes the token there, off the
+    # command line.
+    group.add_argument("--cp-admin-token", default=os.environ.get(ADMIN_TOKEN_ENV, ""),
+                       include_in_web_ui=False)
     group.add_argument("--cp-agent-target", default="", include_in_web_ui=False,
                        help="URL the probe agents connect to (default: --host)")
     group.add_argument("--cp-raw-latencies", default="", include_in_web_ui=False,

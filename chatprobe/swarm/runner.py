@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chatprobe.config import ADMIN_TOKEN_ENV
 from chatprobe.errors import HarnessError
 from chatprobe.paths import project_root
 from chatprobe.swarm.scripts import load_script
@@ -66,8 +67,10 @@ class SwarmOptions:
             command += ["--processes", str(self.workers), "--master-bind-host", "127.0.0.1",
                         "--master-bind-port", str(port), "--master-host", "127.0.0.1",
                         "--master-port", str(port)]
+        # The admin token travels in the environment (locust_environment), never on a
+        # command line, where ps shows it to every user of the machine.
         optional = {"--cp-duration": self.duration_s, "--cp-config": self.config,
-                    "--cp-admin-token": self.admin_token, "--cp-sla-ms": self.sla_ms,
+                    "--cp-sla-ms": self.sla_ms,
                     "--cp-deadline-ms": self.deadline_ms, "--cp-agent-target": self.agent_target}
         for flag, value in optional.items():
             if value is not None:
@@ -75,6 +78,13 @@ class SwarmOptions:
         if self.csv_prefix:
             command += ["--csv", self.csv_prefix, "--csv-full-history"]
         return [*self.command_prefix, *command, *self.extra_locust_args]
+
+
+    def locust_environment(self) -> dict[str, str]:
+        environment = dict(os.environ)
+        if self.admin_token:
+            environment[ADMIN_TOKEN_ENV] = self.admin_token
+        return environment
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -107,7 +117,7 @@ def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str
               file=sys.stderr, flush=True)
         # Its own process group: on a timeout or Ctrl-C the forked workers go too.
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, cwd=project_root(),
-                                start_new_session=True)
+                                start_new_session=True, env=options.locust_environment())
         hung = False
         try:
             returncode = proc.wait(timeout=timeout_s)
