@@ -11,11 +11,13 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from chatprobe import __version__
@@ -24,6 +26,7 @@ from chatprobe.errors import HarnessError
 from chatprobe.verdict import RunSummary, Status, render_table
 
 EXIT_UNKNOWN = 3
+T = TypeVar("T")
 _HOST = re.compile(r"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]+)$")
 
 
@@ -271,10 +274,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.profile or args.agent_profile:
         return _probe_with_profiles(args, target, config, options, started)
     try:
-        summary = asyncio.run(run_probe(target, config, options))
+        summary = asyncio.run(_interruptible(run_probe(target, config, options)))
     except StampError as exc:
         raise HarnessError(str(exc)) from None
     return _report(args, summary, started)
+
+
+async def _interruptible(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` so that SIGTERM, like Ctrl-C, cancels it (and it can still hand
+    back what it measured) instead of killing the process with nothing written."""
+    task = asyncio.ensure_future(coroutine)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    loop.add_signal_handler(signal.SIGINT, task.cancel)
+    try:
+        return await task
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def _probe_with_profiles(args: argparse.Namespace, target: str, config: TargetConfig,

@@ -120,8 +120,17 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
             ledger.expect_receivers(f"c{i}", probe_agents)
         if hooks.after_open is not None:
             await hooks.after_open(conversations)
-        await _send_all(options, customers, conversations, state, hooks)
-        await _wait_for_outcomes(state, agents, options)
+        try:
+            await _send_all(options, customers, conversations, state, hooks)
+            await _wait_for_outcomes(state, agents, options)
+        except asyncio.CancelledError:
+            # SIGINT or SIGTERM: what was measured so far is the result, marked partial.
+            # Messages still in flight stay pending (not lost: the run, not the target,
+            # stopped waiting for them).
+            summary.partial = True
+            summary.harness_error = ("interrupted before every message had its outcome; "
+                                     "the results are partial")
+            return summary
         ledger.finish()
         await _explain(agent_adapter, config, options, state, agents, conversations,
                        summary, customers)

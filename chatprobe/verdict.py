@@ -46,6 +46,7 @@ class RunSummary:
     examples: list[dict[str, Any]] = field(default_factory=list)
     duration_s: float = 0.0
     harness_error: str | None = None
+    partial: bool = False  # stopped (SIGINT/SIGTERM) before every message had its outcome
 
     def status(self, thresholds: Thresholds | None = None) -> Status:
         if self.harness_error is not None:
@@ -110,6 +111,8 @@ class RunSummary:
             "examples": self.examples,
             "duration_s": round(self.duration_s, 3),
             "harness_error": self.harness_error,
+            "partial": self.partial,
+            "pending": counts.pending,
         }
 
 
@@ -154,6 +157,9 @@ def render_table(doc: dict[str, Any]) -> str:
     if doc["events"]:
         events = ", ".join(f"{k} {v}" for k, v in sorted(doc["events"].items()))
         lines.append(f"  connection events: {events}")
+    if doc.get("partial"):
+        lines.append(f"  RUN PARTIAL: stopped before every message had its outcome; "
+                     f"{doc.get('pending', 0)} still pending (neither delivered nor lost)")
     if doc.get("valid") is False:
         lines.append("  RUN INVALID: these numbers describe the harness (its load "
                      "generator or its clocks), not the target:")
