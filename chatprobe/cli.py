@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: fixtures/shops/demo.yaml)")
     serve.add_argument("--db", help="SQLite file (default: ~/.local/state/chatprobe/"
                        "reference-service.sqlite3; ':memory:' for none)")
+    serve.add_argument("--tls-cert", type=Path, metavar="FILE",
+                       help="serve https:// and wss:// with this certificate chain (PEM)")
+    serve.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
 
     probe = sub.add_parser("probe", help="send stamped messages and confirm their receipt")
     _probe_arguments(probe, target_required=True)
@@ -522,7 +525,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from chatprobe.service.runner import serve
 
-    return serve(args.host, args.port, args.config, args.db, args.admin_token)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise HarnessError("--tls-cert and --tls-key go together")
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert is not None else None
+    return serve(args.host, args.port, args.config, args.db, args.admin_token, tls)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,19 @@ class TargetConfig:
     # When a proxy strips or refuses the WebSocket upgrade, use the protocol's long-polling
     # transport if it has one (the reference protocol does), as real chat clients do.
     long_poll_fallback: bool = True
+    # TLS (wss:// and https://): certificates are verified against the system's CAs, or
+    # this bundle; a client certificate where the target asks for one.
+    ca_bundle: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The client TLS context for this target (verification always on)."""
+        context = ssl.create_default_context(cafile=self.ca_bundle)
+        if self.client_cert:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        return context
 
 
 def default_target_path() -> Path:
@@ -100,7 +113,8 @@ def parse_target(document: Any, source: str) -> TargetConfig:
     known = {"protocol", "shop", "agents", "admin_token", "admin_token_env",
              "admin_token_file", "client_version", "channels",
              "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s",
-             "heartbeat_interval_s", "heartbeat_timeout_s", "long_poll_fallback", "extra"}
+             "heartbeat_interval_s", "heartbeat_timeout_s", "long_poll_fallback",
+             "ca_bundle", "client_cert", "client_key", "extra"}
     unknown = sorted(str(key) for key in document if key not in known)
     if unknown:
         raise HarnessError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -137,6 +151,20 @@ def parse_target(document: Any, source: str) -> TargetConfig:
     extra = document.get("extra", {})
     if not isinstance(extra, dict):
         raise HarnessError(f"{source}: 'extra' must be a mapping")
+    tls_files = {}
+    for key in ("ca_bundle", "client_cert", "client_key"):
+        value = document.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise HarnessError(f"{source}: '{key}' must be a file path")
+        path = Path(os.path.expanduser(value))
+        path = path if path.is_absolute() else Path(source).parent / path
+        if not path.is_file():
+            raise HarnessError(f"{source}: {key} {path} is not a readable file")
+        tls_files[key] = str(path)
+    if "client_key" in tls_files and "client_cert" not in tls_files:
+        raise HarnessError(f"{source}: 'client_key' needs 'client_cert'")
     return TargetConfig(
         protocol=document.get("protocol", "reference"),
         shop=document.get("shop", "demo"),
@@ -156,6 +184,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
                                     f"{source}: heartbeat_timeout_s", 0.05, 3600),
         long_poll_fallback=fallback,
         extra=extra,
+        **tls_files,
     )
 
 

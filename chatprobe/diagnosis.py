@@ -34,6 +34,10 @@ class Cause(StrEnum):
     TRANSPORT = "transport.unreachable"  # 12-15: could not connect at all
     DISCONNECTED = "transport.disconnected"  # 12-14: connection died mid-run
     UPGRADE_REFUSED = "transport.upgrade_refused"  # 13: plain HTTP instead of the upgrade
+    TLS_EXPIRED = "tls.certificate_expired"  # 12: the push channel dies the day it expires
+    TLS_HOST_NAME = "tls.wrong_host_name"  # 12: certificate for another name
+    TLS_UNKNOWN_CA = "tls.unknown_ca"  # 12: issuer not trusted (private CA, MITM proxy)
+    TLS_FAILED = "tls.handshake_failed"  # 12: any other TLS failure
     PROTOCOL = "protocol.invalid_frames"  # the target spoke something we cannot read
     NOT_ACCEPTED = "platform.not_accepted"  # no ack: the platform never took the message
     SLOW = "sla.slow"  # delivered, but after the SLA, with no more specific cause
@@ -63,6 +67,11 @@ DESCRIPTIONS: dict[Cause, str] = {
     Cause.UPGRADE_REFUSED: "the WebSocket upgrade was answered with plain HTTP: a proxy or "
                            "firewall on the way stripped or refused it (or the URL is not a "
                            "chat endpoint)",
+    Cause.TLS_EXPIRED: "the target's TLS certificate has expired (or is not yet valid)",
+    Cause.TLS_HOST_NAME: "the target's TLS certificate is for another host name",
+    Cause.TLS_UNKNOWN_CA: "the target's TLS certificate is signed by a CA not trusted here "
+                          "(a private CA needs ca_bundle; or a TLS-intercepting proxy)",
+    Cause.TLS_FAILED: "the TLS handshake with the target failed",
     Cause.PROTOCOL: "target sent frames that do not follow the protocol",
     Cause.NOT_ACCEPTED: "the platform never acknowledged the message",
     Cause.SLOW: "delivered after the SLA; no more specific cause visible",

@@ -52,10 +52,12 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10) -> Non
 class ServiceProcess:
     """`chatprobe serve` in a subprocess: a real server on a real loopback port."""
 
-    def __init__(self, db: Path, config: Path | None = None, port: int = 0) -> None:
+    def __init__(self, db: Path, config: Path | None = None, port: int = 0,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.db = db
         self.config = config
         self.port = port
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
         self.admin_token = ADMIN_TOKEN
@@ -65,6 +67,7 @@ class ServiceProcess:
                    "--db", str(self.db), "--admin-token", self.admin_token]
         if self.config is not None:
             command += ["--config", str(self.config)]
+        command += self.extra_args
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=ROOT)
         lines: queue.Queue[str] = queue.Queue()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -35,9 +36,13 @@ async def open_websocket(url: str, config: TargetConfig,
                          subprotocols: list[str] | None = None) -> WebSocket:
     """Connect, turning every failure into a HarnessError (our fault) or TargetError."""
     try:
+        tls = config.tls_context() if url.startswith("wss:") else None
+    except (OSError, ssl.SSLError) as exc:
+        raise HarnessError(f"cannot use the TLS files of the target config: {exc}") from None
+    try:
         return await connect(url, config.connect_timeout_s, subprotocols,
                              ping_interval_s=config.heartbeat_interval_s,
-                             ping_timeout_s=config.heartbeat_timeout_s)
+                             ping_timeout_s=config.heartbeat_timeout_s, tls=tls)
     except InvalidURI as exc:
         raise HarnessError(f"malformed target URL: {exc}") from None
     except InvalidStatus as exc:
@@ -45,6 +50,10 @@ async def open_websocket(url: str, config: TargetConfig,
                                                  f"{exc.response.status_code}") from None
     except InvalidHandshake as exc:
         raise TargetError(Cause.PROTOCOL, f"WebSocket handshake failed: {exc}") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise tls_error(url, exc) from None
+    except ssl.SSLError as exc:
+        raise TargetError(Cause.TLS_FAILED, f"{url}: {exc.reason or exc}") from None
     except TimeoutError:
         # A refused or unreachable host fails at once; silence means something hangs.
         raise TargetError(Cause.TRANSPORT, f"{url}: no answer within "
@@ -52,6 +61,22 @@ async def open_websocket(url: str, config: TargetConfig,
                                            "the network hangs)") from None
     except OSError as exc:
         raise TargetError(Cause.TRANSPORT, f"{url}: {exc.strerror or exc}") from None
+
+
+# OpenSSL's verify codes for the certificate failures an operator fixes differently.
+TLS_VERIFY_CAUSES = {
+    9: Cause.TLS_EXPIRED, 10: Cause.TLS_EXPIRED,  # not yet valid, expired
+    62: Cause.TLS_HOST_NAME,  # X509_V_ERR_HOSTNAME_MISMATCH
+    64: Cause.TLS_HOST_NAME,  # X509_V_ERR_IP_ADDRESS_MISMATCH
+    18: Cause.TLS_UNKNOWN_CA, 19: Cause.TLS_UNKNOWN_CA,  # self-signed (in the chain)
+    20: Cause.TLS_UNKNOWN_CA, 21: Cause.TLS_UNKNOWN_CA,  # unknown issuer
+}
+
+
+def tls_error(url: str, exc: ssl.SSLCertVerificationError) -> TargetError:
+    """A certificate failure as its own diagnosis: expired, wrong name, unknown CA."""
+    cause = TLS_VERIFY_CAUSES.get(exc.verify_code, Cause.TLS_FAILED)
+    return TargetError(cause, f"{url}: {exc.verify_message or exc.reason}")
 
 
 class SeenIds:
@@ -147,7 +172,9 @@ class ReconnectingLink(ABC):
     async def _open_long_poll(self, refusal: TargetError) -> MessageSocket:
         assert self.fallback_url is not None
         try:
-            socket = await open_long_poll(self.fallback_url, self.config.connect_timeout_s)
+            tls = self.config.tls_context() if self.fallback_url.startswith("https:") else None
+            socket = await open_long_poll(self.fallback_url, self.config.connect_timeout_s,
+                                          tls)
         except aiohttp.ClientResponseError as exc:
             raise TargetError(Cause.UPGRADE_REFUSED, f"{refusal.detail}; long-polling "
                                                      f"fallback refused too: HTTP "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
 import aiohttp
 import orjson
@@ -135,10 +136,13 @@ class LongPollSocket(Inbox):
             self._end()
 
 
-async def open_long_poll(base_url: str, timeout_s: float) -> LongPollSocket:
+async def open_long_poll(base_url: str, timeout_s: float,
+                         tls: ssl.SSLContext | None = None) -> LongPollSocket:
     """Open a channel at ``base_url`` (e.g. http://host:port/lp). Raises aiohttp.ClientError,
-    OSError or TimeoutError; an HTTP error status raises aiohttp.ClientResponseError."""
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+    OSError or TimeoutError; an HTTP error status raises aiohttp.ClientResponseError.
+    ``tls``: the context for an https:// URL (the target config's CA bundle)."""
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
+                                 connector=aiohttp.TCPConnector(ssl=tls or True))
     try:
         async with asyncio.timeout(timeout_s):
             async with http.post(base_url) as response:

@@ -311,7 +311,9 @@ class ReferenceAdapter(Adapter):
         if not token:
             return None
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            tls = self.config.tls_context() if self.http_base.startswith("https:") else None
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5),
+                                               connector=aiohttp.TCPConnector(ssl=tls or True))
         try:
             async with self._http.get(f"{self.http_base}/admin/messages/{server_id}",
                                       headers={"Authorization": f"Bearer {token}"}) as response:

@@ -262,14 +262,15 @@ class WebSocket(Inbox, asyncio.Protocol):
 
 async def connect(url: str, open_timeout_s: float, subprotocols: list[str] | None = None,
                   max_size: int = 1 << 20, ping_interval_s: float = 10.0,
-                  ping_timeout_s: float = 10.0, close_timeout_s: float = 2.0) -> WebSocket:
+                  ping_timeout_s: float = 10.0, close_timeout_s: float = 2.0,
+                  tls: ssl.SSLContext | None = None) -> WebSocket:
     """Open a connection and complete the opening handshake. Raises websockets' InvalidURI,
     InvalidStatus or InvalidHandshake, OSError, or TimeoutError."""
     uri = parse_uri(url)
     protocol = ClientProtocol(uri, subprotocols=[Subprotocol(p) for p in subprotocols]
                               if subprotocols else None, max_size=max_size)
     loop = asyncio.get_running_loop()
-    context = ssl.create_default_context() if uri.secure else None
+    context = (tls or ssl.create_default_context()) if uri.secure else None
     async with asyncio.timeout(open_timeout_s):
         _, ws = await loop.create_connection(
             lambda: WebSocket(protocol, ping_interval_s, ping_timeout_s, close_timeout_s),

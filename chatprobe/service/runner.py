@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,18 @@ class RunningService:
 
 async def start_service(host: str = "127.0.0.1", port: int = 8765,
                         config: Path | None = None, db: Path | str | None = None,
-                        admin_token: str | None = None) -> RunningService:
-    """Start the service on the running loop; port 0 picks a free port."""
+                        admin_token: str | None = None,
+                        tls: tuple[Path, Path] | None = None) -> RunningService:
+    """Start the service on the running loop; port 0 picks a free port. ``tls``: the
+    certificate chain and key files to serve https:// and wss:// with."""
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(str(tls[0]), str(tls[1]))
+        except (OSError, ssl.SSLError) as exc:
+            raise ServiceConfigError(f"cannot use the TLS certificate {tls[0]} and key "
+                                     f"{tls[1]}: {exc}") from None
     shops = load_shops(config or default_config_path())
     db_path = str(db) if db is not None else str(default_db_path())
     if db_path != ":memory:":
@@ -89,7 +100,7 @@ async def start_service(host: str = "127.0.0.1", port: int = 8765,
     service = ChatService(shops, store, token)
     runner = web.AppRunner(build_app(service), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=context)
     try:
         await site.start()
     except OSError as exc:
@@ -99,15 +110,16 @@ async def start_service(host: str = "127.0.0.1", port: int = 8765,
     sockets = getattr(server, "sockets", None) or []
     bound_port = sockets[0].getsockname()[1] if sockets else port
     shown_host = f"[{host}]" if ":" in host else host
-    return RunningService(runner, service, f"http://{shown_host}:{bound_port}", token)
+    scheme = "https" if context is not None else "http"
+    return RunningService(runner, service, f"{scheme}://{shown_host}:{bound_port}", token)
 
 
 def serve(host: str, port: int, config: Path | None, db: str | None,
-          admin_token: str | None) -> int:
+          admin_token: str | None, tls: tuple[Path, Path] | None = None) -> int:
     """Run until SIGINT/SIGTERM. Prints the base URL (and a generated admin token)."""
 
     async def main() -> None:
-        running = await start_service(host, port, config, db, admin_token)
+        running = await start_service(host, port, config, db, admin_token, tls)
         print(f"chatprobe reference service listening on {running.base_url}", flush=True)
         print(f"  websocket: {running.base_url.replace('http', 'ws', 1)}/ws", flush=True)
         if admin_token is None:
