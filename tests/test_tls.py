@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -48,13 +49,13 @@ def make_ca(common: str) -> Authority:
 
 
 def make_server(folder: Path, name: str, ca: Authority, *, host: str = "127.0.0.1",
-                expired: bool = False) -> tuple[Path, Path]:
+                expired: bool = False, days_left: int = 30) -> tuple[Path, Path]:
     """A server certificate for ``host`` signed by ``ca``; its chain and key as files."""
     key = ec.generate_private_key(ec.SECP256R1())
     alt: x509.GeneralName = (x509.IPAddress(ipaddress.ip_address(host)) if host[0].isdigit()
                              else x509.DNSName(host))
     before, after = ((NOW - dt.timedelta(days=30), NOW - dt.timedelta(days=1)) if expired
-                     else (NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=30)))
+                     else (NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=days_left)))
     cert = (x509.CertificateBuilder().subject_name(_name(host)).issuer_name(ca.cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(before).not_valid_after(after)
@@ -77,7 +78,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str,
     files["ca"] = folder / "ca.pem"
     for name, authority, kwargs in (("good", ours, {}), ("expired", ours, {"expired": True}),
                                     ("wrong-host", ours, {"host": "chat.other.example"}),
-                                    ("unknown-ca", theirs, {})):
+                                    ("unknown-ca", theirs, {}),
+                                    ("expiring", ours, {"days_left": 5})):
         files[f"{name}.pem"], files[f"{name}.key"] = make_server(folder, name, authority,
                                                                  **kwargs)
     yield files
@@ -139,3 +141,31 @@ def test_without_the_ca_bundle_a_private_ca_is_unknown(certificates: dict[str, P
     assert result.returncode == 2
     doc = json.loads((tmp_path / "run.json").read_text())
     assert doc["diagnoses"][0]["cause"] == "tls.unknown_ca"
+
+
+@pytest.mark.parametrize("certificate, status, code", [
+    ("good", "OK", 0), ("expiring", "WARNING", 1), ("expired", "CRITICAL", 2)])
+def test_the_canary_warns_before_the_certificate_expires(
+        certificates: dict[str, Path], tmp_path: Path, certificate: str, status: str,
+        code: int) -> None:
+    from tests.test_canary import canary, checks_of, write_config
+
+    service = ServiceProcess(tmp_path / "service.sqlite3", extra_args=(
+        "--tls-cert", str(certificates[f"{certificate}.pem"]),
+        "--tls-key", str(certificates[f"{certificate}.key"]))).start()
+    try:
+        config = write_config(tmp_path, service.base_url, idle_s=0, tls_warn_days=14)
+        document = yaml.safe_load(config.read_text())
+        document["targets"][0]["config"] = str(target_config(tmp_path, certificates["ca"]))
+        config.write_text(yaml.safe_dump(document), encoding="utf-8")
+        result = canary(config, "--json", str(tmp_path / "run.json"))
+    finally:
+        service.stop()
+    assert result.returncode == code, result.stdout + result.stderr
+    found = checks_of(tmp_path / "run.json")["shop/*/*/certificate"]
+    assert found["status"] == status, found
+    if certificate == "expiring":
+        assert "days left" in found["detail"] and "14-day warning" in found["detail"]
+        assert "certificate WARNING" in result.stdout
+    if certificate == "expired":
+        assert found["cause"] == "tls.certificate_expired"

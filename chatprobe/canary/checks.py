@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from chatprobe.canary.config import CanaryTarget
-from chatprobe.canary.model import IDLE, LATENCY, RECEIVE, REPLY, CheckResult
+from chatprobe.canary.model import CERTIFICATE, IDLE, LATENCY, RECEIVE, REPLY, CheckResult
 from chatprobe.config import AgentCredential
 from chatprobe.diagnosis import DESCRIPTIONS, AgentSelf, Cause, Diagnosis, Evidence, diagnose
 from chatprobe.errors import TargetError
@@ -42,7 +44,9 @@ TRACE_TIMEOUT_S = 6.0  # above the reference adapter's own 5 s HTTP timeout
 # Platform trace states after which a message will never arrive: stop waiting for it.
 FINAL_CAUSES = frozenset({Cause.FILTERED, Cause.PUSH_DISABLED, Cause.PUSH_LOST,
                           Cause.CLIENT_VERSION, Cause.CONVERSATION_CLOSED})
-UNREACHABLE = frozenset({Cause.TRANSPORT, Cause.UPGRADE_REFUSED, Cause.PROTOCOL})
+UNREACHABLE = frozenset({Cause.TRANSPORT, Cause.UPGRADE_REFUSED, Cause.PROTOCOL,
+                         Cause.TLS_EXPIRED, Cause.TLS_HOST_NAME, Cause.TLS_UNKNOWN_CA,
+                         Cause.TLS_FAILED})
 T = TypeVar("T")
 
 
@@ -52,6 +56,7 @@ class CheckSettings:
     critical_ms: float
     idle_s: float
     deadline: float  # time.monotonic() by which the whole run must be done
+    tls_warn_days: float = 14.0
 
 
 class OutOfBudget(Exception):
@@ -427,6 +432,10 @@ async def check_target(spec: CanaryTarget, settings: CheckSettings, run_id: str,
     codec = StampCodec.new_run(run_id)
     profile = load_profile(spec.profile) if spec.profile else None
     results: list[CheckResult] = []
+    if spec.secure:
+        certificate = await check_certificate(spec, settings)
+        on_result(certificate)
+        results.append(certificate)
     adapter_class = adapter_for(spec.target.protocol)
     async with behind(spec.url, profile) as (customer_url, _proxy):
         adapter = adapter_class(spec.url, spec.target)
@@ -454,3 +463,49 @@ async def check_target(spec: CanaryTarget, settings: CheckSettings, run_id: str,
             if customer_adapter is not adapter:
                 await customer_adapter.close()
     return results
+
+
+async def check_certificate(spec: CanaryTarget, settings: CheckSettings) -> CheckResult:
+    """How long the target's TLS certificate has left (an expiring certificate is a classic
+    cause of a silent push-channel outage): WARNING within ``tls_warn_days``, CRITICAL when
+    the handshake refuses it (expired, wrong name, unknown CA)."""
+    from chatprobe.protocols.link import tls_error
+
+    parts = urlsplit(spec.url)
+    host = parts.hostname or ""
+    port = parts.port or 443
+    started = time.monotonic()
+
+    def result(status: Status, cause: Cause | None, detail: str) -> CheckResult:
+        return CheckResult(spec.name, "*", "*", CERTIFICATE, status,
+                           cause.value if cause else None, detail, None, "",
+                           time.time() - (time.monotonic() - started),
+                           time.monotonic() - started)
+
+    try:
+        limit = max(0.1, min(spec.target.connect_timeout_s,
+                             settings.deadline - time.monotonic()))
+        async with asyncio.timeout(limit):
+            _, writer = await asyncio.open_connection(
+                host, port, ssl=spec.target.tls_context(), server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        failure = tls_error(spec.url, exc)
+        return result(Status.CRITICAL, failure.cause, failure.detail)
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        return result(Status.CRITICAL, Cause.TRANSPORT,
+                      f"{host}:{port}: {type(exc).__name__}: {exc}")
+    try:
+        peer = writer.get_extra_info("peercert") or {}
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    not_after = peer.get("notAfter")
+    if not isinstance(not_after, str):
+        return result(Status.UNKNOWN, None, "the certificate's expiry could not be read")
+    days = (ssl.cert_time_to_seconds(not_after) - time.time()) / 86400
+    detail = f"expires {not_after} ({days:.1f} days left)"
+    if days < settings.tls_warn_days:
+        return result(Status.WARNING, None,
+                      f"{detail}, within the {settings.tls_warn_days:g}-day warning")
+    return result(Status.OK, None, detail)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chatprobe.canary.model import CHECK_KINDS, IDLE
+from chatprobe.canary.model import CERTIFICATE, CHECK_KINDS, IDLE
 from chatprobe.config import AgentCredential, TargetConfig, load_target, read_document
 from chatprobe.errors import HarnessError
 from chatprobe.paths import state_dir
@@ -35,9 +35,13 @@ class CanaryTarget:
     checks: tuple[str, ...]
     profile: str | None = None
 
+    @property
+    def secure(self) -> bool:
+        return self.url.startswith(("https://", "wss://"))
+
     def check_ids(self) -> list[str]:
         """Every check this target runs, in the order they run."""
-        ids = []
+        ids = [f"{self.name}/*/*/{CERTIFICATE}"] if self.secure else []
         for agent in self.agents:
             for number, channel in enumerate(self.channels):
                 for kind in self.checks:
@@ -61,6 +65,7 @@ class CanaryConfig:
     idle_s: float = 2.0
     retention_days: float = 30.0
     stale_after_s: float = 180.0
+    tls_warn_days: float = 14.0  # a TLS target's certificate expiring sooner is a WARNING
     control_url: str | None = None
     alluredir: Path | None = None
     prometheus: PrometheusConfig | None = None  # parsed by canary.metrics
@@ -153,7 +158,8 @@ def parse_canary(document: Any, source: Path) -> CanaryConfig:
     if not isinstance(document, dict):
         raise HarnessError(f"{where}: a canary config must be a mapping")
     known = {"targets", "budget_s", "thresholds", "idle_s", "history", "retention_days",
-             "stale_after_s", "lock", "control_url", "alluredir", "prometheus", "alert"}
+             "stale_after_s", "lock", "control_url", "alluredir", "prometheus", "alert",
+             "tls_warn_days"}
     unknown = sorted(str(key) for key in document if key not in known)
     if unknown:
         raise HarnessError(f"{where}: unknown field(s) {', '.join(unknown)}")
@@ -198,6 +204,7 @@ def parse_canary(document: Any, source: Path) -> CanaryConfig:
         history=history,
         retention_days=_number(document, "retention_days", 30, 0.001, 36500, where),
         stale_after_s=_number(document, "stale_after_s", 180, 1, 10 ** 7, where),
+        tls_warn_days=_number(document, "tls_warn_days", 14, 0, 3650, where),
         # One lock per history store: runs that would write the same history never overlap.
         lock=_path(document, "lock", base, where) or history.with_name(history.name + ".lock"),
         control_url=control,

@@ -19,6 +19,9 @@ REPLY = "reply"  # the agent's reply reaches the customer
 LATENCY = "latency"  # delivery latency against the warning and critical thresholds
 IDLE = "idle"  # after an idle period the push channel still delivers
 CHECK_KINDS = (RECEIVE, REPLY, LATENCY, IDLE)
+# A TLS target's certificate, once per target (agent and channel "*"): WARNING when it
+# expires within the configured days, CRITICAL when it is expired or otherwise refused.
+CERTIFICATE = "certificate"
 
 # Worst first when combining: a proven failure outranks a check that could not be judged.
 SEVERITY = {Status.OK: 0, Status.WARNING: 1, Status.UNKNOWN: 2, Status.CRITICAL: 3}

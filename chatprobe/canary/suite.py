@@ -57,7 +57,7 @@ class CanarySuite:
             self.config.warning_ms, self.config.critical_ms, self.config.idle_s,
             # The deadline is wall-clock (it crosses processes); the checks count in
             # monotonic time.
-            time.monotonic() + self.deadline - time.time())
+            time.monotonic() + self.deadline - time.time(), self.config.tls_warn_days)
         outcomes = await asyncio.gather(
             *(check_target(target, settings, self.run_id, self._record)
               for target in self.config.targets), return_exceptions=True)
