@@ -34,7 +34,7 @@ def test_uplink_latency_of_150_ms_adds_150_ms_to_the_clean_p50(
         reference_service: ServiceProcess, tmp_path: Path) -> None:
     uplink = write_profile(tmp_path, "uplink-150", "up: {latency_ms: 150}\n")
     result = chatprobe("probe", "--target", reference_service.base_url, "--admin-token",
-                       reference_service.admin_token, "--messages", "300", "--rate", "300",
+                       reference_service.admin_token, "--messages", "200", "--rate", "100",
                        "--profile", f"clean,{uplink}", "--json", str(tmp_path / "out.json"),
                        "--quiet", timeout=180)
     assert result.returncode == 0, (result.stdout, result.stderr)
@@ -42,7 +42,9 @@ def test_uplink_latency_of_150_ms_adds_150_ms_to_the_clean_p50(
     clean, slow = doc["profiles"]
     assert (clean["profile"], slow["profile"]) == ("clean", "uplink-150")
     for run in (clean, slow):
-        assert run["sent"] == run["delivered"] == 300 and run["lost"] == 0
+        assert run["sent"] == run["delivered"] == 200 and run["lost"] == 0
+    # 100 messages/s: a rate that needs little CPU, so the suite's other worker on this
+    # 2-core machine cannot delay the proxy's timers enough to move the median.
     expected = clean["latency_ms"]["p50"] + 150
     assert abs(slow["latency_ms"]["p50"] - expected) <= 0.05 * expected, (
         clean["latency_ms"], slow["latency_ms"])
