@@ -75,6 +75,14 @@ def _number(value: Any, where: str, low: float, high: float) -> float:
     return float(value)
 
 
+def reject_unknown(document: dict[Any, Any], known: set[str], where: str) -> None:
+    """One line naming every key a document has that its reader does not know (a typo is
+    an error, never silently ignored)."""
+    unknown = sorted(str(key) for key in document if key not in known)
+    if unknown:
+        raise HarnessError(f"{where}: unknown field(s) {', '.join(unknown)}")
+
+
 def secret(document: dict[str, Any], key: str, where: str, base: Path) -> str | None:
     """A secret given as ``key`` (in the file), ``key_env`` (the name of an environment
     variable) or ``key_file`` (a file holding it, relative to the config's folder): the
@@ -115,9 +123,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
              "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s",
              "heartbeat_interval_s", "heartbeat_timeout_s", "long_poll_fallback",
              "ca_bundle", "client_cert", "client_key", "extra"}
-    unknown = sorted(str(key) for key in document if key not in known)
-    if unknown:
-        raise HarnessError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    reject_unknown(document, known, source)
     agents_raw = document.get("agents", [])
     if not isinstance(agents_raw, list) or not agents_raw:
         raise HarnessError(f"{source}: 'agents' must be a non-empty list of {{id, token}}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatprobe.canary.model import SEVERITY, CanaryRun, CheckResult
+from chatprobe.config import reject_unknown
 from chatprobe.diagnosis import DESCRIPTIONS, Cause
 from chatprobe.errors import HarnessError
 from chatprobe.redact import one_line, public_url
@@ -263,9 +264,7 @@ def parse_alert_config(document: Any, source: str) -> AlertConfig | None:
     if not isinstance(document, dict):
         raise HarnessError(f"{source}: must be a mapping with 'webhook'")
     known = {"webhook", "format", "after_failures", "timeout_s", "secret"}
-    unknown = sorted(str(key) for key in document if key not in known)
-    if unknown:
-        raise HarnessError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    reject_unknown(document, known, source)
     webhook = document.get("webhook")
     if not isinstance(webhook, str) or not is_http_url(webhook):
         raise HarnessError(f"{source}: 'webhook' must be an http(s):// URL")

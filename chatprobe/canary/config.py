@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chatprobe.canary.model import CERTIFICATE, CHECK_KINDS, IDLE
-from chatprobe.config import AgentCredential, TargetConfig, load_target, read_document
+from chatprobe.config import (
+    AgentCredential,
+    TargetConfig,
+    load_target,
+    read_document,
+    reject_unknown,
+)
 from chatprobe.errors import HarnessError
 from chatprobe.paths import state_dir
 
@@ -109,9 +115,7 @@ def _target(item: Any, index: int, base: Path, source: str) -> CanaryTarget:
         raise HarnessError(f"{where} must be a mapping with name and url")
     known = {"name", "url", "config", "agents", "channels", "checks", "profile",
              "admin_token_env"}
-    unknown = sorted(str(key) for key in item if key not in known)
-    if unknown:
-        raise HarnessError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    reject_unknown(item, known, where)
     name, url = item.get("name"), item.get("url")
     if not isinstance(name, str) or not name or not set(name) <= NAME_CHARS:
         raise HarnessError(f"{where}: 'name' must be letters, digits, '-', '_' or '.'")
@@ -160,9 +164,7 @@ def parse_canary(document: Any, source: Path) -> CanaryConfig:
     known = {"targets", "budget_s", "thresholds", "idle_s", "history", "retention_days",
              "stale_after_s", "lock", "control_url", "alluredir", "prometheus", "alert",
              "tls_warn_days"}
-    unknown = sorted(str(key) for key in document if key not in known)
-    if unknown:
-        raise HarnessError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    reject_unknown(document, known, where)
     base = source.parent
     raw_targets = document.get("targets")
     if not isinstance(raw_targets, list) or not raw_targets:

@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFam
 
 from chatprobe.canary.alerts import is_http_url
 from chatprobe.canary.model import SEVERITY, CanaryRun, CheckResult
+from chatprobe.config import reject_unknown
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError
 from chatprobe.redact import one_line, public_url
@@ -68,9 +69,7 @@ def parse_prometheus_config(document: Any, source: str, *,
     if not isinstance(document, dict):
         raise HarnessError(f"{source}: must be a mapping with 'textfile' and/or 'pushgateway'")
     known = {"textfile", "pushgateway", "job", "grouping", "timeout_s"}
-    unknown = sorted(str(key) for key in document if key not in known)
-    if unknown:
-        raise HarnessError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    reject_unknown(document, known, source)
     textfile: Path | None = None
     raw_textfile = document.get("textfile")
     if raw_textfile is not None:
