@@ -88,6 +88,7 @@ def probe_behind(service: ServiceProcess, profile: Profile | None, options: Prob
 # ------------------------------------------------------------------- acceptance, as root
 
 
+@pytest.mark.alone
 def test_five_percent_loss_adds_tail_latency_and_loses_nothing(
         reference_service: ServiceProcess) -> None:
     require_kernel()

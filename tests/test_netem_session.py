@@ -30,6 +30,7 @@ def target_without_fallback(folder: Path, extra: str = "") -> Path:
     return path
 
 
+@pytest.mark.alone
 def test_uplink_latency_of_150_ms_adds_150_ms_to_the_clean_p50(
         reference_service: ServiceProcess, tmp_path: Path) -> None:
     uplink = write_profile(tmp_path, "uplink-150", "up: {latency_ms: 150}\n")
@@ -43,8 +44,8 @@ def test_uplink_latency_of_150_ms_adds_150_ms_to_the_clean_p50(
     assert (clean["profile"], slow["profile"]) == ("clean", "uplink-150")
     for run in (clean, slow):
         assert run["sent"] == run["delivered"] == 200 and run["lost"] == 0
-    # 100 messages/s: a rate that needs little CPU, so the suite's other worker on this
-    # 2-core machine cannot delay the proxy's timers enough to move the median.
+    # Marked `alone`: a burst of the other worker's work (a server starting) during one of
+    # the two 2-second runs moved this median by 50-200 ms in full-suite runs.
     expected = clean["latency_ms"]["p50"] + 150
     assert abs(slow["latency_ms"]["p50"] - expected) <= 0.05 * expected, (
         clean["latency_ms"], slow["latency_ms"])

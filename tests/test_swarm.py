@@ -187,6 +187,7 @@ def _time_namespaces_work() -> bool:
 
 
 @pytest.mark.skipif(not _time_namespaces_work(), reason="needs root and time namespaces")
+@pytest.mark.alone
 def test_a_worker_on_another_clock_is_measured_through_its_estimated_offset(
         reference_service: ServiceProcess, tmp_path: Path) -> None:
     # Two workers the way separate hosts run them (`locust --worker`), one in its own time
