@@ -8,10 +8,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Protocol, Side, State
+from websockets.uri import parse_uri
+from websockets.utils import accept_key
 
-from chatprobe.protocols.websocket import Message, connect
+from chatprobe.protocols.websocket import Message, WebSocket, connect
 from tests.conftest import scaled
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -186,3 +193,115 @@ def test_a_connection_reset_before_any_answer_is_a_network_failure() -> None:
                 await connect(url, scaled(5))
 
     asyncio.run(main())
+
+
+# ------------------------------------------------ the fast path against websockets' own parser
+
+
+def _opened_client() -> tuple[WebSocket, list[bytes]]:
+    """A client past a real opening handshake, writing into a list."""
+    protocol = ClientProtocol(parse_uri("ws://127.0.0.1:9/ws"), max_size=1 << 20)
+    request = protocol.connect()
+    protocol.send_request(request)
+    written: list[bytes] = []
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            written.append(bytes(data))
+
+        def can_write_eof(self) -> bool:
+            return False
+
+        def abort(self) -> None:
+            pass
+
+    ws = WebSocket(protocol, 0, 10, 1)
+    ws.transport = Transport()  # type: ignore[assignment]
+    ws.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                     + accept_key(request.headers["Sec-WebSocket-Key"]).encode() + b"\r\n\r\n")
+    written.clear()
+    return ws, written
+
+
+def _server_frame(opcode: Opcode, payload: bytes, fin: bool = True) -> bytes:
+    server = Protocol(Side.SERVER)  # open, between frames
+    server.send_frame(Frame(opcode, payload, fin))
+    return b"".join(server.data_to_send())
+
+
+def _client_frames_seen_by_a_server(written: list[bytes]) -> list[Frame]:
+    server = Protocol(Side.SERVER, max_size=None)  # open: parses frames, insists on masks
+    server.receive_data(b"".join(written))
+    return [event for event in server.events_received() if isinstance(event, Frame)]
+
+
+ordinary_frames = st.one_of(
+    st.text(max_size=70_000).map(lambda t: (Opcode.TEXT, t.encode())),
+    st.binary(max_size=300).map(lambda b: (Opcode.BINARY, b)),
+    st.binary(max_size=125).map(lambda b: (Opcode.PING, b)),
+    st.binary(max_size=125).map(lambda b: (Opcode.PONG, b)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ordinary_frames, max_size=8), st.lists(st.integers(1, 5000), max_size=10))
+def test_the_fast_path_reads_any_stream_of_ordinary_frames_as_websockets_does(
+        frames: list[tuple[Opcode, bytes]], cuts: list[int]) -> None:
+    asyncio.run(_read_fast(frames, cuts))
+
+
+async def _read_fast(frames: list[tuple[Opcode, bytes]], cuts: list[int]) -> None:
+    ws, written = _opened_client()
+    received: list[Message] = []
+    ws.deliver_to(received.append)
+    stream = b"".join(_server_frame(opcode, payload) for opcode, payload in frames)
+    at = 0
+    for cut in cuts:  # the network delivers the bytes in any pieces
+        ws.data_received(stream[at:at + cut])
+        at += cut
+    ws.data_received(stream[at:])
+    assert ws._fast  # the path under test stayed in use
+    expected = [payload.decode() if opcode is Opcode.TEXT else payload
+                for opcode, payload in frames if opcode in (Opcode.TEXT, Opcode.BINARY)]
+    assert received == expected
+    # Each ping answered with a masked pong carrying its payload, as websockets would.
+    pongs = _client_frames_seen_by_a_server(written)
+    assert [(f.opcode, f.data) for f in pongs] == [
+        (Opcode.PONG, payload) for opcode, payload in frames if opcode is Opcode.PING]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=70_000), min_size=1, max_size=4))
+def test_frames_written_by_the_fast_path_parse_on_a_websockets_server(texts: list[str]) -> None:
+    asyncio.run(_write_fast(texts))
+
+
+async def _write_fast(texts: list[str]) -> None:
+    ws, written = _opened_client()
+    for text in texts:
+        ws.send_now(text)
+    frames = _client_frames_seen_by_a_server(written)  # the server insists on masked frames
+    assert [(f.opcode, f.fin, bytes(f.data).decode()) for f in frames] == [
+        (Opcode.TEXT, True, text) for text in texts]
+    masks = {data[2:6] if len(data) - 6 < 126 else None for data in written}
+    assert len(masks - {None}) == len([d for d in written if len(d) - 6 < 126])  # fresh each
+
+
+def test_a_close_or_a_fragment_mid_stream_goes_to_websockets_and_back() -> None:
+    asyncio.run(_close_and_fragment())
+
+
+async def _close_and_fragment() -> None:
+    ws, written = _opened_client()
+    received: list[Message] = []
+    ws.deliver_to(received.append)
+    ws.data_received(_server_frame(Opcode.TEXT, b"one")
+                     + _server_frame(Opcode.TEXT, b"tw", fin=False)
+                     + _server_frame(Opcode.CONT, b"o"))
+    ws.data_received(_server_frame(Opcode.TEXT, b"three"))
+    assert received == ["one", "two", "three"] and ws._fast
+    ws.data_received(_server_frame(Opcode.CLOSE, b"\x03\xe8") + _server_frame(Opcode.TEXT, b"x"))
+    assert ws.protocol.state is State.CLOSING and not ws._fast
+    assert received == ["one", "two", "three"]  # nothing after the close
+    answer = _client_frames_seen_by_a_server(written)
+    assert [f.opcode for f in answer] == [Opcode.CLOSE]  # the close echoed by websockets

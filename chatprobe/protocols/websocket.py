@@ -4,15 +4,22 @@ The swarm holds thousands of connections in one thread and handles every frame o
 message, so the per-frame path matters. websockets' own asyncio connection costs a task
 wake-up, an async iterator step, a lock and an async context manager per frame; here a frame
 is parsed in ``data_received`` and handed to a callback at once, and a send is one write.
-The protocol state machine (handshake, framing, masking, ping/pong, closing) stays
-websockets', which is well kept and tested; this module only moves bytes and keeps time.
+The protocol state machine (handshake, closing, every unusual frame) stays websockets',
+which is well kept and tested. Once the connection is open, the frames a chat connection
+carries all day (whole text and binary messages, pings, pongs) are parsed and written here
+directly: websockets' generator-driven parser and its per-frame urandom call for the mask
+were a third of the swarm worker's loop. Anything else (a close, a fragment, reserved bits,
+a masked or oversized frame) goes to websockets from that byte on, until the connection is
+open and between frames again, so its errors and close codes stay exactly websockets'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol, cast
@@ -24,6 +31,38 @@ from websockets.http11 import Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # a websockets built without its C extension
+    from websockets.utils import apply_mask
+
+_masks: list[bytes] = []
+
+
+def _next_mask() -> bytes:
+    """A fresh 4-byte mask (RFC 6455 5.3: from a strong source), urandom read 4 KB at a
+    time instead of once per frame."""
+    if not _masks:
+        pool = os.urandom(4096)
+        _masks.extend(pool[i:i + 4] for i in range(0, 4096, 4))
+    return _masks.pop()
+
+
+def client_frame(first_byte: int, payload: bytes) -> bytes:
+    """One masked client frame (``first_byte``: FIN and opcode) with ``payload``."""
+    length = len(payload)
+    mask = _next_mask()
+    if length < 126:
+        header = bytes((first_byte, 0x80 | length))
+    elif length < 65536:
+        header = struct.pack("!BBH", first_byte, 0xFE, length)
+    else:
+        header = struct.pack("!BBQ", first_byte, 0xFF, length)
+    return header + mask + apply_mask(payload, mask)
+
+
+FIN_TEXT, FIN_PONG = 0x81, 0x8A
 
 Message = str | bytes
 
@@ -113,6 +152,9 @@ class WebSocket(Inbox, asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_payload: bytes | None = None
         self._pong_deadline: asyncio.TimerHandle | None = None
+        # The fast path (see the module's docstring): on while open and between frames.
+        self._fast = False
+        self._partial = b""  # the start of a frame not yet complete
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -123,6 +165,9 @@ class WebSocket(Inbox, asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._fast:
+            self._parse_fast(data)
+            return
         self._received_any = True
         protocol = self.protocol
         protocol.receive_data(data)
@@ -138,6 +183,68 @@ class WebSocket(Inbox, asyncio.Protocol):
         if protocol.handshake_exc is not None and not self.opened.done():
             self.opened.set_exception(protocol.handshake_exc)  # not even an HTTP response
         self._flush()
+        # Between frames of an open connection with nothing of websockets' own pending.
+        self._fast = (protocol.state is State.OPEN and protocol.handshake_exc is None
+                      and self.opened.done() and not protocol.extensions
+                      and protocol.current_size is None and not protocol.reader.buffer
+                      and self.transport is not None)
+
+    def _parse_fast(self, data: bytes) -> None:
+        buffer = self._partial + data if self._partial else data
+        self._partial = b""
+        end, at = len(buffer), 0
+        limit = self.protocol.max_message_size
+        while end - at >= 2:
+            first, second = buffer[at], buffer[at + 1]
+            length = second & 0x7F
+            header = 2
+            if length == 126:
+                if end - at < 4:
+                    break
+                length, header = (buffer[at + 2] << 8) | buffer[at + 3], 4
+            elif length == 127:
+                if end - at < 10:
+                    break
+                length, header = int.from_bytes(buffer[at + 2:at + 10]), 10
+            # FIN set, no reserved bits, a server frame (unmasked), within the size limit:
+            # anything else is websockets' to handle, from its first byte.
+            if first & 0xF0 != 0x80 or second & 0x80 or (limit is not None and length > limit):
+                self._leave_fast(buffer[at:])
+                return
+            if end - at < header + length:
+                break
+            start = at + header
+            payload = buffer[start:start + length]
+            at = start + length
+            opcode = first & 0x0F
+            if opcode == 1:
+                try:
+                    text = payload.decode()
+                except UnicodeDecodeError:
+                    # RFC 6455 8.1: fail the connection; the reader then sees it closed.
+                    self.protocol.fail(1007, "invalid UTF-8 in a text frame")
+                    self._flush()
+                    self._leave_fast(buffer[at:])
+                    return
+                self._deliver(text)
+            elif opcode == 2:
+                self._deliver(payload)
+            elif opcode == 9 and length <= 125:
+                if self.transport is not None and self.protocol.state is State.OPEN:
+                    self.transport.write(client_frame(FIN_PONG, payload))
+            elif opcode == 10 and length <= 125:
+                self._pong(payload)
+            else:  # a close, an unknown opcode, an oversized control frame
+                self._leave_fast(buffer[at - header - length:])
+                return
+        if at < end:
+            self._partial = buffer[at:]
+
+    def _leave_fast(self, rest: bytes) -> None:
+        self._fast = False
+        self._partial = b""
+        if rest:
+            self.data_received(rest)
 
     def eof_received(self) -> bool:
         self.protocol.receive_eof()
@@ -177,14 +284,17 @@ class WebSocket(Inbox, asyncio.Protocol):
                 data = b"".join(self._fragments)
                 self._fragments = []
                 self._message(self._text(data) if self._fragment_text else data)
-        elif opcode is Opcode.PONG and self._ping_payload is not None and (
-                bytes(frame.data) == self._ping_payload):
+        elif opcode is Opcode.PONG:
+            self._pong(bytes(frame.data))
+        # PING is answered by the protocol itself; CLOSE moves its state machine.
+
+    def _pong(self, payload: bytes) -> None:
+        if self._ping_payload is not None and payload == self._ping_payload:
             self._ping_payload = None
             if self._pong_deadline is not None:
                 self._pong_deadline.cancel()
                 self._pong_deadline = None
             self._schedule_ping()
-        # PING is answered by the protocol itself; CLOSE moves its state machine.
 
     def _text(self, data: bytes) -> str | None:
         try:
@@ -230,10 +340,14 @@ class WebSocket(Inbox, asyncio.Protocol):
     def send_now(self, message: str) -> None:
         """Write one text message now; raises ConnectionClosed when the connection is gone."""
         protocol = self.protocol
-        if protocol.state is not State.OPEN or self.transport is None:
+        transport = self.transport
+        if protocol.state is not State.OPEN or transport is None:
             raise self._closed_error()
-        protocol.send_text(message.encode())
-        self._flush()
+        if protocol.extensions:  # never negotiated today; websockets would compress
+            protocol.send_text(message.encode())
+            self._flush()
+        else:
+            transport.write(client_frame(FIN_TEXT, message.encode()))
 
     async def send(self, message: str) -> None:
         self.send_now(message)
