@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -38,7 +39,7 @@ from chatprobe.protocols.base import (
     OnReceive,
     register,
 )
-from chatprobe.protocols.link import PERMANENT, SeenIds
+from chatprobe.protocols.link import PERMANENT, SeenIds, tls_error
 
 API = "/_matrix/client/v3"
 
@@ -55,8 +56,10 @@ class _Client:
         self.on_receive = on_receive
         self.on_event = on_event
         self.auto_join = auto_join
+        # https: the target config's CA bundle and client certificate, verification on.
         self.http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s))
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s),
+            connector=aiohttp.TCPConnector(ssl=adapter.tls))
         self.token = ""
         self.user_id = ""
         self.since: str | None = None
@@ -79,6 +82,13 @@ class _Client:
                     self.http.request(method, url, json=body, headers=headers) as response:
                 text = await response.text()
                 status = response.status
+        except aiohttp.ClientConnectorCertificateError as exc:
+            certificate = exc.certificate_error
+            if isinstance(certificate, ssl.SSLCertVerificationError):
+                raise tls_error(url, certificate) from None
+            raise TargetError(Cause.TLS_FAILED, f"{url}: {certificate}") from None
+        except aiohttp.ClientSSLError as exc:
+            raise TargetError(Cause.TLS_FAILED, f"{url}: {exc}") from None
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise TargetError(Cause.TRANSPORT, f"{url}: {exc}") from None
         except TimeoutError:
@@ -304,6 +314,12 @@ class MatrixAdapter(Adapter):
         if parts.scheme not in ("http", "https"):
             raise HarnessError("a matrix target URL must be http:// or https://")
         self.base = target_url.rstrip("/")
+        try:
+            self.tls: ssl.SSLContext | bool = (config.tls_context() if parts.scheme == "https"
+                                               else True)
+        except (OSError, ssl.SSLError) as exc:
+            raise HarnessError(f"cannot use the TLS files of the target config: {exc}") \
+                from None
         # The homeserver's name (the part after ':' in user ids) is not the URL's host in
         # general; without extra.server_name it is learnt from the first login.
         server_name = config.extra.get("server_name")
