@@ -23,6 +23,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import AgentSelf, Cause
@@ -60,6 +61,12 @@ class CustomerSession(ABC):
     async def send(self, conversation: str, client_msg_id: str,
                    text: str) -> asyncio.Future[Ack]: ...
 
+    def send_soon(self, conversation: str, client_msg_id: str,
+                  text: str) -> asyncio.Future[Ack] | None:
+        """:meth:`send` without a coroutine, for adapters whose send never waits (the
+        swarm's per-message path); None: this adapter cannot, use :meth:`send`."""
+        return None
+
     async def close_conversation(self, conversation: str) -> None:  # noqa: B027
         """End the conversation as a customer who is done (optional; default: nothing)."""
 
@@ -94,6 +101,12 @@ class AgentSession(ABC):
         """Answer the message this session received with ``server_id`` (in its conversation).
         None when the adapter cannot tell which conversation that was."""
         return None
+
+    def reply_to_soon(self, server_id: str, client_msg_id: str,
+                      text: str) -> asyncio.Future[Ack] | Literal[False] | None:
+        """:meth:`reply_to` without a coroutine, for adapters whose reply never waits
+        (returns and raises as reply_to does); False: this adapter cannot, use reply_to."""
+        return False
 
     def recent_frames(self) -> list[Frame]:
         """As CustomerSession.recent_frames."""

@@ -98,6 +98,10 @@ class SeenIds:
         return True
 
 
+# What a request waiting for its answer gets when its connection is lost: ask again.
+_ASK_AGAIN = object()
+
+
 class ReconnectingLink(ABC):
     def __init__(self, url: str, config: TargetConfig, on_event: OnEvent,
                  subprotocols: list[str] | None = None,
@@ -168,6 +172,10 @@ class ReconnectingLink(ABC):
     def _lost(self, ws: MessageSocket) -> None:
         if self.ws is ws and self.dead is None:
             self.connected.clear()
+            # Requests waiting for an answer on this connection ask again on the next.
+            for future in self.other_futures.values():
+                if not future.done():
+                    future.set_result(_ASK_AGAIN)
 
     async def _open_long_poll(self, refusal: TargetError) -> MessageSocket:
         assert self.fallback_url is not None
@@ -272,31 +280,38 @@ class ReconnectingLink(ABC):
         the link reconnects: the request is asked again on the next connection, so it must
         be idempotent. Bounded by the connect timeout plus the reconnect window."""
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + (self.config.connect_timeout_s +
-                                    self.config.reconnect_window_s)
+        config = self.config
+        give_up_at = loop.time() + (config.connect_timeout_s + config.reconnect_window_s)
         try:
             while True:
                 future: asyncio.Future[Any] = loop.create_future()
                 self.other_futures[key] = future
                 try:
-                    async with asyncio.timeout_at(give_up_at):
-                        await self.connected.wait()
+                    async with asyncio.timeout_at(give_up_at) as deadline:
+                        if not self.connected.is_set():
+                            await self.connected.wait()
                         if self.dead is not None:
                             raise self.dead
                         if self.closing:
                             raise TargetError(Cause.DISCONNECTED, "the session was closed")
                         ws = self.ws
                         assert ws is not None
+                        if ws.closed.done():
+                            # Closed, and _lost (a callback of the close) has yet to run:
+                            # let it, then wait for the next connection.
+                            await asyncio.sleep(0)
+                            continue
                         with contextlib.suppress(ConnectionClosed):
                             ws.send_now(text)
-                        async with asyncio.timeout(self.config.connect_timeout_s):
-                            await asyncio.wait([future, ws.closed],
-                                               return_when=asyncio.FIRST_COMPLETED)
+                        # The answer within the connect timeout; _lost wakes it to ask again.
+                        deadline.reschedule(min(give_up_at,
+                                                loop.time() + config.connect_timeout_s))
+                        answer = await future
                 except TimeoutError:
                     raise TargetError(Cause.TRANSPORT, "no answer to a request in time") \
                         from None
-                if future.done():
-                    return future.result()
+                if answer is not _ASK_AGAIN:
+                    return answer
         finally:
             self.other_futures.pop(key, None)
 
@@ -321,7 +336,7 @@ class ReconnectingLink(ABC):
             self.ack_futures[key] = future
         return future
 
-    async def write(self, text: str) -> None:
+    def write_now(self, text: str) -> None:
         if self.dead is not None:
             raise self.dead
         ws = self.ws
@@ -330,10 +345,16 @@ class ReconnectingLink(ABC):
         if self.frames is not None:
             self.frames.append((time.monotonic_ns() // 1000, "out", text))
 
-    async def write_or_hold(self, text: str) -> None:
+    async def write(self, text: str) -> None:
+        self.write_now(text)
+
+    def write_or_hold_now(self, text: str) -> None:
         """Write now; while disconnected, keep quiet: handshake(resume=True) resends."""
         with contextlib.suppress(ConnectionClosed):
-            await self.write(text)
+            self.write_now(text)
+
+    async def write_or_hold(self, text: str) -> None:
+        self.write_or_hold_now(text)
 
     def drop(self) -> None:
         """Cut the connection the way a mobile network does: no close handshake. The reader

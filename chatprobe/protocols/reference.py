@@ -167,11 +167,12 @@ class _Link(ReconnectingLink):
         answer: wire.Frame = await self.ask(wire.encode(frame), (reply_type, ref))
         return answer
 
-    async def send_acked(self, frame: wire.Frame, client_msg_id: str) -> asyncio.Future[Ack]:
+    def send_acked(self, frame: wire.Frame, client_msg_id: str) -> asyncio.Future[Ack]:
+        """Send ``frame`` (or hold it for the resume while disconnected): its ack's future."""
         future = self.new_ack(client_msg_id)
         if self.dead is None:
             self.unacked[client_msg_id] = frame
-            await self.write_or_hold(wire.encode(frame))
+            self.write_or_hold_now(wire.encode(frame))
         return future
 
 
@@ -192,9 +193,13 @@ class _ReferenceCustomer(CustomerSession):
 
     async def send(self, conversation: str, client_msg_id: str,
                    text: str) -> asyncio.Future[Ack]:
+        return self.send_soon(conversation, client_msg_id, text)
+
+    def send_soon(self, conversation: str, client_msg_id: str,
+                  text: str) -> asyncio.Future[Ack]:
         frame = {"type": "send", "conversation": int(conversation),
                  "client_msg_id": client_msg_id, "text": text}
-        return await self.link.send_acked(frame, client_msg_id)
+        return self.link.send_acked(frame, client_msg_id)
 
     def drop_connection(self) -> bool:
         self.link.drop()
@@ -224,16 +229,27 @@ class _ReferenceAgent(AgentSession):
 
     async def reply(self, conversation: str, client_msg_id: str,
                     text: str) -> asyncio.Future[Ack]:
+        return self._reply(conversation, client_msg_id, text)
+
+    def _reply(self, conversation: str | int, client_msg_id: str,
+               text: str) -> asyncio.Future[Ack]:
         frame = {"type": "reply", "conversation": int(conversation),
                  "client_msg_id": client_msg_id, "text": text}
-        return await self.link.send_acked(frame, client_msg_id)
+        return self.link.send_acked(frame, client_msg_id)
 
     async def reply_to(self, server_id: str, client_msg_id: str,
                        text: str) -> asyncio.Future[Ack] | None:
         conversation = self.conversation_of.get(server_id)
         if conversation is None:
             return None
-        return await self.reply(str(conversation), client_msg_id, text)
+        return self._reply(conversation, client_msg_id, text)
+
+    def reply_to_soon(self, server_id: str, client_msg_id: str,
+                      text: str) -> asyncio.Future[Ack] | None:
+        conversation = self.conversation_of.get(server_id)
+        if conversation is None:
+            return None
+        return self._reply(conversation, client_msg_id, text)
 
     def recent_frames(self) -> list[Frame]:
         return list(self.link.frames or ())

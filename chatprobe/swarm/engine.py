@@ -365,18 +365,33 @@ class WorkerEngine:
         self.out.sends.append([sender, reply_conversation, seq, received_us, now_us(),
                                f"reply:{step.kind}"])
 
-        async def send_reply() -> None:
-            try:
-                future = await agent.reply_to(server_id, f"{self.codec.run}-r-{conversation}-"
-                                                         f"{seq}", text)
-            except TargetError as exc:
-                self.out.events.append(f"{agent_id}: reply to {conversation} failed: {exc}")
-                return
+        client_msg_id = f"{self.codec.run}-r-{conversation}-{seq}"
+
+        def sent(future: asyncio.Future[Ack] | None) -> None:
             if future is None:
                 self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted lost")
                 return
             # A refusal (e.g. the customer already closed the conversation) is reported.
             future.add_done_callback(self._ack_recorder(agent_id, reply_conversation, seq))
+
+        def failed(exc: TargetError) -> None:
+            self.out.events.append(f"{agent_id}: reply to {conversation} failed: {exc}")
+
+        try:
+            # Most adapters reply without waiting: no task per reply on the hot path.
+            soon = agent.reply_to_soon(server_id, client_msg_id, text)
+        except TargetError as exc:
+            failed(exc)
+            return
+        if soon is not False:
+            sent(soon)
+            return
+
+        async def send_reply() -> None:
+            try:
+                sent(await agent.reply_to(server_id, client_msg_id, text))
+            except TargetError as exc:
+                failed(exc)
 
         self._spawn(send_reply())
 
@@ -504,7 +519,10 @@ class WorkerEngine:
                     conversation.awaiting_replies.add(seq)
                     conversation.replies_done.clear()
                 # The ack arrives later; not waiting for it keeps the open-model pace.
-                ack = await session.send(conversation.id, f"{codec.run}-{name}-{seq}", text)
+                client_msg_id = f"{codec.run}-{name}-{seq}"
+                ack = session.send_soon(conversation.id, client_msg_id, text)
+                if ack is None:  # an adapter whose send waits
+                    ack = await session.send(conversation.id, client_msg_id, text)
                 ack.add_done_callback(self._ack_recorder(customer.name, name, seq))
                 if number == drop_after and session.drop_connection():
                     out.events.append(f"{customer.name} dropped its connection")
