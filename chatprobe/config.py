@@ -23,6 +23,10 @@ CHANNELS = ("web", "app", "mini_program")
 # The back-office token's environment variable: secrets stay off command lines, where ps
 # shows them to every user of the machine.
 ADMIN_TOKEN_ENV = "CHATPROBE_ADMIN_TOKEN"
+# The TLS name for a config that does not give one (``tls_server_name``): how `chatprobe
+# swarm` tells its Locust processes the target's real host name while they connect to a
+# network profile's fault proxy.
+TLS_SERVER_NAME_ENV = "CHATPROBE_TLS_SERVER_NAME"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class TargetConfig:
     ca_bundle: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+    # The name the certificate is verified against and sent as SNI, when the URL's host is
+    # not the target's own name: a network profile's fault proxy (127.0.0.1 or the kernel
+    # layer's edge address) stands between, or the URL names the target by address.
+    tls_server_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def tls_context(self) -> ssl.SSLContext:
@@ -122,7 +130,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
              "admin_token_file", "client_version", "channels",
              "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s",
              "heartbeat_interval_s", "heartbeat_timeout_s", "long_poll_fallback",
-             "ca_bundle", "client_cert", "client_key", "extra"}
+             "ca_bundle", "client_cert", "client_key", "tls_server_name", "extra"}
     reject_unknown(document, known, source)
     agents_raw = document.get("agents", [])
     if not isinstance(agents_raw, list) or not agents_raw:
@@ -171,6 +179,10 @@ def parse_target(document: Any, source: str) -> TargetConfig:
         tls_files[key] = str(path)
     if "client_key" in tls_files and "client_cert" not in tls_files:
         raise HarnessError(f"{source}: 'client_key' needs 'client_cert'")
+    server_name = document.get("tls_server_name")
+    if server_name is not None and (not isinstance(server_name, str) or not server_name
+                                    or any(c in server_name for c in "/ \t")):
+        raise HarnessError(f"{source}: 'tls_server_name' must be a host name")
     return TargetConfig(
         protocol=document.get("protocol", "reference"),
         shop=document.get("shop", "demo"),
@@ -189,6 +201,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
         heartbeat_timeout_s=_number(document.get("heartbeat_timeout_s", 10),
                                     f"{source}: heartbeat_timeout_s", 0.05, 3600),
         long_poll_fallback=fallback,
+        tls_server_name=server_name,
         extra=extra,
         **tls_files,
     )
@@ -212,7 +225,11 @@ def read_document(path: Path, what: str = "config", missing: str | None = None) 
 
 def load_target(path: Path | None) -> TargetConfig:
     path = path or default_target_path()
-    return parse_target(read_document(path), str(path))
+    config = parse_target(read_document(path), str(path))
+    inherited = os.environ.get(TLS_SERVER_NAME_ENV)
+    if inherited and config.tls_server_name is None:
+        config = dataclasses.replace(config, tls_server_name=inherited)
+    return config
 
 
 def with_overrides(config: TargetConfig, admin_token: str | None = None,

@@ -426,7 +426,7 @@ async def check_target(spec: CanaryTarget, settings: CheckSettings, run_id: str,
                        on_result: Callable[[CheckResult], None]) -> list[CheckResult]:
     """Every check of one target, agent after agent. A target that cannot be reached at
     all is reported once per check with the same cause, without trying every agent."""
-    from chatprobe.netem.session import behind
+    from chatprobe.netem.session import behind, via_proxy
     from chatprobe.profiles import load_profile
 
     codec = StampCodec.new_run(run_id)
@@ -440,7 +440,7 @@ async def check_target(spec: CanaryTarget, settings: CheckSettings, run_id: str,
     async with behind(spec.url, profile) as (customer_url, _proxy):
         adapter = adapter_class(spec.url, spec.target)
         customer_adapter = adapter if customer_url == spec.url else adapter_class(
-            customer_url, spec.target)
+            customer_url, via_proxy(spec.target, spec.url))
         unreachable: CheckResult | None = None
         try:
             for agent in spec.agents:
@@ -487,9 +487,10 @@ async def check_certificate(spec: CanaryTarget, settings: CheckSettings) -> Chec
                              settings.deadline - time.monotonic()))
         async with asyncio.timeout(limit):
             _, writer = await asyncio.open_connection(
-                host, port, ssl=spec.target.tls_context(), server_hostname=host)
+                host, port, ssl=spec.target.tls_context(),
+                server_hostname=spec.target.tls_server_name or host)
     except ssl.SSLCertVerificationError as exc:
-        failure = tls_error(spec.url, exc)
+        failure = tls_error(spec.url, exc, spec.target.tls_server_name)
         return result(Status.CRITICAL, failure.cause, failure.detail)
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         return result(Status.CRITICAL, Cause.TRANSPORT,

@@ -29,6 +29,9 @@ from chatprobe.profiles import Capabilities, PlanItem, Profile, emulation_plan
 # Without the kernel layer (not root, not Linux, or switched off): the proxy alone.
 PROXY_ONLY = Capabilities(root=False, netns=False, nftables=False, tbf=False, netem=False)
 DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+# Why the HTTP-aware faults do not apply to a TLS target (the run lists them with this).
+TLS_SKIP = ("skipped: the target speaks TLS, so the proxy relays encrypted bytes and cannot "
+            "see, strip or refuse the HTTP upgrade")
 
 
 def proxy_faults(profile: Profile, seed: int | None = None, secure: bool = False,
@@ -80,7 +83,7 @@ def run_plan(profile: Profile, target_url: str, caps: Capabilities = PROXY_ONLY,
             item = replace(item, why=f"the proxy paces bytes (no real queueing: {kernel_off})")
         elif secure and item.parameter.startswith("middlebox.upgrade"):
             item = replace(item, emulated=False,
-                           why="skipped: over TLS the proxy cannot see the HTTP upgrade")
+                           why=TLS_SKIP)
         elif (item.parameter == "link.allowed_ports" and item.emulated and parts.hostname
               and profile.allowed_ports is not None):
             port = _port(target_url)

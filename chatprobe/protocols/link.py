@@ -42,7 +42,8 @@ async def open_websocket(url: str, config: TargetConfig,
     try:
         return await connect(url, config.connect_timeout_s, subprotocols,
                              ping_interval_s=config.heartbeat_interval_s,
-                             ping_timeout_s=config.heartbeat_timeout_s, tls=tls)
+                             ping_timeout_s=config.heartbeat_timeout_s, tls=tls,
+                             server_hostname=config.tls_server_name)
     except InvalidURI as exc:
         raise HarnessError(f"malformed target URL: {exc}") from None
     except InvalidStatus as exc:
@@ -51,7 +52,7 @@ async def open_websocket(url: str, config: TargetConfig,
     except InvalidHandshake as exc:
         raise TargetError(Cause.PROTOCOL, f"WebSocket handshake failed: {exc}") from None
     except ssl.SSLCertVerificationError as exc:
-        raise tls_error(url, exc) from None
+        raise tls_error(url, exc, config.tls_server_name) from None
     except ssl.SSLError as exc:
         raise TargetError(Cause.TLS_FAILED, f"{url}: {exc.reason or exc}") from None
     except TimeoutError:
@@ -73,10 +74,13 @@ TLS_VERIFY_CAUSES = {
 }
 
 
-def tls_error(url: str, exc: ssl.SSLCertVerificationError) -> TargetError:
-    """A certificate failure as its own diagnosis: expired, wrong name, unknown CA."""
+def tls_error(url: str, exc: ssl.SSLCertVerificationError,
+              server_name: str | None = None) -> TargetError:
+    """A certificate failure as its own diagnosis: expired, wrong name, unknown CA.
+    ``server_name``: the name verified when it is not the URL's host (a proxy between)."""
     cause = TLS_VERIFY_CAUSES.get(exc.verify_code, Cause.TLS_FAILED)
-    return TargetError(cause, f"{url}: {exc.verify_message or exc.reason}")
+    where = url if server_name is None else f"{url} (verified as {server_name})"
+    return TargetError(cause, f"{where}: {exc.verify_message or exc.reason}")
 
 
 class SeenIds:
@@ -182,7 +186,7 @@ class ReconnectingLink(ABC):
         try:
             tls = self.config.tls_context() if self.fallback_url.startswith("https:") else None
             socket = await open_long_poll(self.fallback_url, self.config.connect_timeout_s,
-                                          tls)
+                                          tls, self.config.tls_server_name if tls else None)
         except aiohttp.ClientResponseError as exc:
             raise TargetError(Cause.UPGRADE_REFUSED, f"{refusal.detail}; long-polling "
                                                      f"fallback refused too: HTTP "

@@ -26,11 +26,12 @@ MAX_BATCH = 500  # frames per POST: the service's limit
 
 class LongPollSocket(Inbox):
     def __init__(self, http: aiohttp.ClientSession, channel_url: str,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, server_hostname: str | None = None) -> None:
         super().__init__()
         self.http = http
         self.channel_url = channel_url
         self.request_timeout_s = request_timeout_s
+        self.server_hostname = server_hostname
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
         self._outgoing: list[str] = []
@@ -68,7 +69,7 @@ class LongPollSocket(Inbox):
     async def _delete(self) -> None:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
             async with asyncio.timeout(self.request_timeout_s), \
-                    self.http.delete(self.channel_url):
+                    self.http.delete(self.channel_url, server_hostname=self.server_hostname):
                 pass
 
     async def close(self) -> None:
@@ -101,7 +102,8 @@ class LongPollSocket(Inbox):
             while True:
                 async with asyncio.timeout(POLL_WAIT_S + self.request_timeout_s):
                     async with self.http.get(self.channel_url,
-                                             params={"wait": str(POLL_WAIT_S)}) as response:
+                                             params={"wait": str(POLL_WAIT_S)},
+                                             server_hostname=self.server_hostname) as response:
                         if response.status != 200:
                             return
                         frames = orjson.loads(await response.read())
@@ -125,8 +127,9 @@ class LongPollSocket(Inbox):
                     batch = self._outgoing[:MAX_BATCH]
                     del self._outgoing[:MAX_BATCH]
                     async with asyncio.timeout(self.request_timeout_s):
-                        async with self.http.post(self.channel_url,
-                                                  data=orjson.dumps(batch)) as response:
+                        async with self.http.post(self.channel_url, data=orjson.dumps(batch),
+                                                  server_hostname=self.server_hostname
+                                                  ) as response:
                             if response.status != 200:
                                 return
                 self._delivered.set()
@@ -136,20 +139,22 @@ class LongPollSocket(Inbox):
             self._end()
 
 
-async def open_long_poll(base_url: str, timeout_s: float,
-                         tls: ssl.SSLContext | None = None) -> LongPollSocket:
+async def open_long_poll(base_url: str, timeout_s: float, tls: ssl.SSLContext | None = None,
+                         server_hostname: str | None = None) -> LongPollSocket:
     """Open a channel at ``base_url`` (e.g. http://host:port/lp). Raises aiohttp.ClientError,
     OSError or TimeoutError; an HTTP error status raises aiohttp.ClientResponseError.
-    ``tls``: the context for an https:// URL (the target config's CA bundle)."""
+    ``tls``: the context for an https:// URL (the target config's CA bundle).
+    ``server_hostname``: for https://, the name the certificate is verified against and
+    sent as SNI when the URL's host is not the target's (a fault proxy between)."""
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
                                  connector=aiohttp.TCPConnector(ssl=tls or True))
     try:
         async with asyncio.timeout(timeout_s):
-            async with http.post(base_url) as response:
+            async with http.post(base_url, server_hostname=server_hostname) as response:
                 response.raise_for_status()
                 reply = await response.json()
         channel = reply["channel"]
     except BaseException:
         await http.close()
         raise
-    return LongPollSocket(http, f"{base_url}/{channel}", timeout_s)
+    return LongPollSocket(http, f"{base_url}/{channel}", timeout_s, server_hostname)

@@ -331,8 +331,11 @@ class ReferenceAdapter(Adapter):
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5),
                                                connector=aiohttp.TCPConnector(ssl=tls or True))
         try:
+            server_hostname = (self.config.tls_server_name
+                               if self.http_base.startswith("https:") else None)
             async with self._http.get(f"{self.http_base}/admin/messages/{server_id}",
-                                      headers={"Authorization": f"Bearer {token}"}) as response:
+                                      headers={"Authorization": f"Bearer {token}"},
+                                      server_hostname=server_hostname) as response:
                 if response.status != 200:
                     return None
                 trace = await response.json()

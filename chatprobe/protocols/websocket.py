@@ -377,9 +377,12 @@ class WebSocket(Inbox, asyncio.Protocol):
 async def connect(url: str, open_timeout_s: float, subprotocols: list[str] | None = None,
                   max_size: int = 1 << 20, ping_interval_s: float = 10.0,
                   ping_timeout_s: float = 10.0, close_timeout_s: float = 2.0,
-                  tls: ssl.SSLContext | None = None) -> WebSocket:
+                  tls: ssl.SSLContext | None = None,
+                  server_hostname: str | None = None) -> WebSocket:
     """Open a connection and complete the opening handshake. Raises websockets' InvalidURI,
-    InvalidStatus or InvalidHandshake, OSError, or TimeoutError."""
+    InvalidStatus or InvalidHandshake, OSError, or TimeoutError.
+    ``server_hostname``: for a wss:// URL, the name to verify the certificate against and
+    send as SNI instead of the URL's host (a fault proxy's address stands in the URL)."""
     uri = parse_uri(url)
     protocol = ClientProtocol(uri, subprotocols=[Subprotocol(p) for p in subprotocols]
                               if subprotocols else None, max_size=max_size)
@@ -388,7 +391,8 @@ async def connect(url: str, open_timeout_s: float, subprotocols: list[str] | Non
     async with asyncio.timeout(open_timeout_s):
         _, ws = await loop.create_connection(
             lambda: WebSocket(protocol, ping_interval_s, ping_timeout_s, close_timeout_s),
-            uri.host, uri.port, ssl=context)
+            uri.host, uri.port, ssl=context,
+            server_hostname=server_hostname if context is not None else None)
         try:
             await ws.opened
         except BaseException:
