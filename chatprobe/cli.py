@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -15,8 +16,9 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
@@ -222,14 +224,26 @@ def _report(args: argparse.Namespace, summary: RunSummary, started_s: float) -> 
     return _report_doc(args, summary.to_json(), started_s)
 
 
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Whole or not at all: a run killed while writing must not leave half a document
+    where the last one was (a temporary file beside it, renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
 def _report_doc(args: argparse.Namespace, doc: dict[str, Any], started_s: float) -> int:
     """Print the summary, write --json and --alluredir, and return the exit code."""
     table = render_table(doc)
     print(table, flush=True)
     try:
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+            write_json(args.json, doc)
         if args.alluredir is not None:
             _write_allure(args, doc, table, started_s)
     except OSError as exc:
@@ -304,7 +318,10 @@ def _probe_with_profiles(args: argparse.Namespace, target: str, config: TargetCo
 
     profiles = load_profiles(args.profile or ["clean"])
     agent_profile = load_profile(args.agent_profile) if args.agent_profile else None
-    documents = asyncio.run(probe_profiles(target, config, options, profiles, agent_profile))
+    # Interruptible as a plain probe: SIGTERM must also unwind through behind(), which
+    # removes the proxy and the kernel layer's namespaces.
+    documents = asyncio.run(_interruptible(probe_profiles(target, config, options, profiles,
+                                                          agent_profile)))
     return _report_profiles(args, documents, started)
 
 
@@ -324,8 +341,7 @@ def _report_profiles(args: argparse.Namespace, documents: list[dict[str, Any]],
     combined = combine(documents)
     try:
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(combined, indent=2), encoding="utf-8")
+            write_json(args.json, combined)
         if args.alluredir is not None:
             _write_allure(args, combined, render_side_by_side(documents), started)
     except OSError as exc:
@@ -377,14 +393,30 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     adapter_for(config.protocol)(target, config)  # an adapter's own config checks, too
     _check_output_paths(args)
     started = time.time()
-    if args.profile or args.agent_profile:
-        return _swarm_with_profiles(args, target, started)
-    doc = run_swarm(SwarmOptions.from_args(target, args))
-    return _report_doc(args, doc, started)
+    # SIGTERM unwinds like Ctrl-C (proxies and kernel paths are removed on the way out)
+    # instead of ending chatprobe where it stands; while Locust runs, run_swarm turns
+    # either signal into a partial summary.
+    with _sigterm_as_ctrl_c():
+        if args.profile or args.agent_profile:
+            return _swarm_with_profiles(args, target, started)
+        doc = run_swarm(SwarmOptions.from_args(target, args))
+        return _report_doc(args, doc, started)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _swarm_with_profiles(args: argparse.Namespace, target: str, started: float) -> int:
-    from chatprobe.netem.session import ProxyThread, annotate
+    from chatprobe.netem.session import ProxyThread, annotate, tls_server_name
     from chatprobe.profiles import load_profile, load_profiles
     from chatprobe.swarm.runner import SwarmOptions, run_swarm
 
@@ -398,9 +430,12 @@ def _swarm_with_profiles(args: argparse.Namespace, target: str, started: float) 
                   + (f", agents {agent_profile.name}" if agent_profile else ""), flush=True)
             options = SwarmOptions.from_args(customer_url, args)
             options.agent_target = agent_url if agent_url != customer_url else None
+            options.tls_server_name = tls_server_name(target)
             doc = run_swarm(options)
         documents.append(annotate(doc, target, profile, agent_profile,
                                   {"customers": customers.proxy, "agents": agents.proxy}))
+        if doc.get("partial"):
+            break  # stopped by a signal: the profiles after this one do not run
     return _report_profiles(args, documents, started)
 
 
@@ -541,7 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"chatprobe: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # A signal before the run measured anything (a probe cancelled while it logged in
+        # or built its network path): nothing to write, UNKNOWN.
         print("chatprobe: interrupted", file=sys.stderr)
         return EXIT_UNKNOWN
     except Exception as exc:  # a harness bug must still be UNKNOWN, in one line

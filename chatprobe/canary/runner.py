@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from chatprobe.canary.config import CanaryConfig
 from chatprobe.canary.history import HistoryStore
 from chatprobe.canary.model import CanaryRun, CheckResult
+from chatprobe.children import die_with_parent
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError
 from chatprobe.paths import project_root
@@ -132,7 +133,11 @@ def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="chatprobe-canary-") as folder:
         results_path = Path(folder) / "results.jsonl"
         with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.Popen(_suite_command(config, results_path, deadline, run.run_id),
+            # Killed with its parent: a canary killed by SIGKILL must not leave its suite
+            # checking the target from a session of its own until the deadline.
+            command = [*die_with_parent("KILL"),
+                       *_suite_command(config, results_path, deadline, run.run_id)]
+            proc = subprocess.Popen(command,
                                     stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=project_root(),
                                     start_new_session=True)

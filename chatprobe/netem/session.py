@@ -23,6 +23,23 @@ from chatprobe.profiles import PlanItem, Profile
 from chatprobe.verdict import Status
 
 
+def tls_server_name(target_url: str) -> str | None:
+    """The name a client behind a profile verifies the target's certificate against (and
+    sends as SNI): the target's own host, since the URL it connects to names the proxy.
+    None for a plain target."""
+    parts = urlsplit(target_url)
+    return parts.hostname if parts.scheme in ("https", "wss") else None
+
+
+def via_proxy(config: TargetConfig, target_url: str) -> TargetConfig:
+    """``config`` for connecting to ``target_url`` through :func:`behind`'s URL: TLS still
+    verifies the target's own name (a name the config gives itself wins)."""
+    name = tls_server_name(target_url)
+    if name is None or config.tls_server_name is not None:
+        return config
+    return replace(config, tls_server_name=name)
+
+
 def plan_here(profile: Profile, target_url: str) -> list[PlanItem]:
     """What a run on this machine applies of ``profile``: the proxy, and the kernel layer
     where it is available and not switched off."""
@@ -35,7 +52,9 @@ async def behind(target_url: str, profile: Profile | None,
                  seed: int | None = None) -> AsyncIterator[tuple[str, FaultProxy | None]]:
     """The URL to use for ``target_url`` seen through ``profile``: a proxy on loopback, or,
     when the profile has kernel parameters this machine can apply, a proxy listening inside
-    the kernel layer's edge namespace on the target's own port, behind emulated routers."""
+    the kernel layer's edge namespace on the target's own port, behind emulated routers.
+    Over TLS the proxy forwards the encrypted bytes; a client connecting to the yielded URL
+    verifies the certificate against the target's name (:func:`via_proxy`)."""
     if profile is None or profile.is_clean:
         yield target_url, None
         return
@@ -143,6 +162,7 @@ async def probe_profiles(target_url: str, config: TargetConfig, options: ProbeOp
                          agent_profile: Profile | None) -> list[dict[str, Any]]:
     """One probe per customer profile, each a fresh run; the documents in order."""
     documents = []
+    config = via_proxy(config, target_url)
     for profile in profiles:
         async with behind(target_url, profile) as (customer_url, proxy), \
                 behind(target_url, agent_profile) as (agent_url, agent_proxy):
@@ -151,6 +171,8 @@ async def probe_profiles(target_url: str, config: TargetConfig, options: ProbeOp
             summary = await run_probe(customer_url, config, options, agent_url=agent_url)
         documents.append(annotate(summary.to_json(), target_url, profile, agent_profile,
                                   {"customers": proxy, "agents": agent_proxy}))
+        if summary.partial:
+            break  # stopped by a signal: the profiles after this one do not run
     return documents
 
 

@@ -10,6 +10,7 @@ come from, and a run spanning several hosts is reported with its clock caveat.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,17 @@ CPU_LIMIT_PERCENT = 90.0
 LOOP_LAG_LIMIT_US = 100_000
 LATE_SEND_LIMIT_SHARE = 0.01
 EXAMPLES_SHOWN = 20  # of each: lost, late
+# `chatprobe swarm` names a file here and creates it when SIGINT or SIGTERM stops the run
+# (before it asks Locust to quit), so the master's summary is marked partial.
+STOP_FILE_ENV = "CHATPROBE_SWARM_STOP_FILE"
+INTERRUPTED = ("interrupted before every message had its outcome; the results are "
+               "partial")
+
+
+def stop_requested() -> bool:
+    """Whether the run was stopped by a signal (see STOP_FILE_ENV)."""
+    path = os.environ.get(STOP_FILE_ENV)
+    return path is not None and path != "" and os.path.exists(path)
 
 
 @dataclass
@@ -279,9 +291,17 @@ class Collector:
                 "receiver": record.receiver}
 
     def finish(self, summary: RunSummary) -> dict[str, Any]:
-        """Close the run (everything still pending is lost) and build the JSON document."""
+        """Close the run (everything still pending is lost) and build the JSON document.
+        A run stopped by a signal is partial instead: messages still in flight stay pending
+        (the run, not the target, stopped waiting for them), as in an interrupted probe."""
         self.release_held()
-        self.ledger.finish()
+        if stop_requested():
+            summary.partial = True
+            summary.harness_error = INTERRUPTED if (
+                summary.harness_error is None or self.ledger.counts.sent == 0
+            ) else f"{summary.harness_error}; {INTERRUPTED}"
+        else:
+            self.ledger.finish()
         doc = summary.to_json()
         reasons = self.invalid_reasons()
         hosts = sorted({h.host for h in self.workers.values()})

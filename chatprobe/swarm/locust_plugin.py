@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import secrets
+import signal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +29,7 @@ from locust import LoadTestShape, User, argument_parser, events
 from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
+from chatprobe.children import die_with_parent_now
 from chatprobe.config import ADMIN_TOKEN_ENV, load_target, with_overrides
 from chatprobe.diagnosis import Cause, Diagnosis
 from chatprobe.errors import HarnessError
@@ -134,6 +136,17 @@ def _target(environment: Environment) -> tuple[str, Any]:
 def _codec(environment: Environment) -> StampCodec:
     options = _opts(environment)
     return StampCodec(run=options.cp_run, secret=bytes.fromhex(options.cp_secret))
+
+
+@events.init.add_listener
+def _workers_die_with_their_master(environment: Environment, **_: Any) -> None:
+    # A worker forked by --processes outlives a master that dies while it waits for its
+    # workers (Locust exits there on Ctrl-C without stopping them), and would run on until
+    # its heartbeat times out; `chatprobe swarm` must leave no process behind.
+    options = environment.parsed_options
+    if isinstance(environment.runner, WorkerRunner) and options is not None and getattr(
+            options, "processes", None):
+        die_with_parent_now(signal.SIGKILL)
 
 
 @events.init.add_listener
