@@ -140,19 +140,39 @@ def describe_cpu(shares: dict[str, float]) -> str:
 def bench_a(seconds: float, target: str) -> tuple[float, int]:
     proc, url = start_relay() if target == "relay" else start_service()
     best, best_users = 0.0, 0
+
+    def level_valid(users: int) -> bool:
+        nonlocal best, best_users
+        level = swarm_level(url, proc, users, 0.01, seconds)
+        print(f"  (a) {users:>4} users: {level['delivered_per_s']:>8.0f} delivered/s, "
+              f"valid={level['valid']}, lost={level['lost']}, p99={level['p99_ms']} ms; "
+              f"CPU of one core: {describe_cpu(level['cpu'])}", flush=True)
+        if not level["valid"]:
+            print(f"      invalid: {'; '.join(level['why'])}", flush=True)
+            return False
+        rate = float(level["delivered_per_s"])
+        if rate > best:
+            best, best_users = rate, users
+        return True
+
     try:
         # Each user sends 5 messages per script round; think_scale 0.01 -> ~48 messages/s.
+        # Coarse steps up to the first invalid level, then halve the gap twice: the knee
+        # lies between the last valid level and the first invalid one.
+        valid_at, invalid_at = 0, 0
         for users in (40, 60, 80, 100, 120, 140, 160, 200, 240, 300):
-            level = swarm_level(url, proc, users, 0.01, seconds)
-            print(f"  (a) {users:>4} users: {level['delivered_per_s']:>8.0f} delivered/s, "
-                  f"valid={level['valid']}, lost={level['lost']}, p99={level['p99_ms']} ms; "
-                  f"CPU of one core: {describe_cpu(level['cpu'])}", flush=True)
-            if not level["valid"]:
-                print(f"      invalid: {'; '.join(level['why'])}", flush=True)
+            if not level_valid(users):
+                invalid_at = users
                 break
-            rate = float(level["delivered_per_s"])
-            if rate > best:
-                best, best_users = rate, users
+            valid_at = users
+        for _ in range(2):
+            middle = (valid_at + invalid_at) // 2
+            if not invalid_at or middle in (valid_at, invalid_at):
+                break
+            if level_valid(middle):
+                valid_at = middle
+            else:
+                invalid_at = middle
     finally:
         proc.terminate()
         proc.wait()

@@ -42,6 +42,7 @@ from chatprobe.swarm.shapes import Shape, load_shape
 from chatprobe.verdict import RunSummary, render_table
 
 log = logging.getLogger("chatprobe.swarm")
+THINK_JITTER_LOW = 0.5  # a think time lasts 0.5-1.5 times the script's think_s
 GC_YOUNG_THRESHOLD = 50_000  # Python's default is 700 allocations
 BATCH_MESSAGE = "chatprobe_batch"
 DONE_MESSAGE = "chatprobe_done"
@@ -416,7 +417,10 @@ class ChatCustomer(User):
         # this greenlet runs, so a generator that falls behind shows as late sends.
         intended = start = self.plan_end_us or now_us()
         for step in script.steps:
-            intended += int(step.think_s * scale * 1_000_000)
+            # People take more or less time than the script's figure (half to one and a half
+            # of it, the mean kept): customers spawned together do not type in lockstep.
+            think_s = step.think_s * scale * (THINK_JITTER_LOW + self.rng.random())
+            intended += int(think_s * 1_000_000)
             plan.append((intended, step.kind, script.body(step, self.rng)))
         # The chat loop paces the round; this greenlet only waits for it to be over.
         engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after, start)
