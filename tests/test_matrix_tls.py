@@ -28,7 +28,8 @@ async def login_refused(request: web.Request) -> web.Response:
                              status=403)
 
 
-async def login_through_tls(certificate: Path, key: Path, ca_bundle: Path | None) -> Cause:
+async def login_through_tls(certificate: Path, key: Path, ca_bundle: Path | None,
+                            server_name: str | None = None) -> Cause:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certificate, key)
     app = web.Application()
@@ -40,6 +41,7 @@ async def login_through_tls(certificate: Path, key: Path, ca_bundle: Path | None
     port = runner.addresses[0][1]
     config = dataclasses.replace(load_target(ROOT / "fixtures" / "targets" / "synapse.yaml"),
                                  ca_bundle=str(ca_bundle) if ca_bundle else None,
+                                 tls_server_name=server_name,
                                  connect_timeout_s=scaled(10))
     adapter = MatrixAdapter(f"https://127.0.0.1:{port}", config)
     try:
@@ -67,3 +69,13 @@ def test_the_matrix_adapter_verifies_the_homeservers_certificate(
                                           certificates[f"{certificate}.key"],
                                           certificates["ca"] if with_ca else None))
     assert found is cause
+
+
+def test_the_matrix_adapter_verifies_the_name_the_config_gives(
+        certificates: dict[str, Path]) -> None:  # noqa: F811
+    # The URL names the homeserver by address; its certificate names chat.other.example.
+    pair = certificates["wrong-host.pem"], certificates["wrong-host.key"]
+    assert asyncio.run(login_through_tls(*pair, certificates["ca"],
+                                         "chat.other.example")) is Cause.AUTH_REJECTED
+    assert asyncio.run(login_through_tls(*pair, certificates["ca"],
+                                         "chat.example")) is Cause.TLS_HOST_NAME

@@ -79,13 +79,14 @@ class _Client:
         url = self.adapter.base + path
         try:
             async with asyncio.timeout(timeout_s or self.config.connect_timeout_s), \
-                    self.http.request(method, url, json=body, headers=headers) as response:
+                    self.http.request(method, url, json=body, headers=headers,
+                                      server_hostname=self.adapter.tls_server_name) as response:
                 text = await response.text()
                 status = response.status
         except aiohttp.ClientConnectorCertificateError as exc:
             certificate = exc.certificate_error
             if isinstance(certificate, ssl.SSLCertVerificationError):
-                raise tls_error(url, certificate) from None
+                raise tls_error(url, certificate, self.adapter.tls_server_name) from None
             raise TargetError(Cause.TLS_FAILED, f"{url}: {certificate}") from None
         except aiohttp.ClientSSLError as exc:
             raise TargetError(Cause.TLS_FAILED, f"{url}: {exc}") from None
@@ -320,6 +321,8 @@ class MatrixAdapter(Adapter):
         except (OSError, ssl.SSLError) as exc:
             raise HarnessError(f"cannot use the TLS files of the target config: {exc}") \
                 from None
+        # The name the certificate must carry when the URL names a proxy or an address.
+        self.tls_server_name = config.tls_server_name if parts.scheme == "https" else None
         # The homeserver's name (the part after ':' in user ids) is not the URL's host in
         # general; without extra.server_name it is learnt from the first login.
         server_name = config.extra.get("server_name")
