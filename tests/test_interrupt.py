@@ -6,6 +6,7 @@ killed one left, and the canary's history store still opens. Real processes thro
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -210,6 +212,69 @@ def test_a_canary_stopped_by_sigterm_records_a_partial_run_in_a_readable_store(
     assert assert_store_readable(tmp_path / "history.sqlite3") == 1
 
 
+class HeldPushgateway:
+    """Where the canary pushes its metrics: answers each push only when released, so a
+    test can stop the canary while it records a run (a real pushgateway cannot be paused)."""
+
+    def __init__(self) -> None:
+        self.pushed = threading.Event()
+        self.release = threading.Event()
+        gateway = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                gateway.pushed.set()
+                gateway.release.wait(scaled(30))
+                self.send_response(200)
+                self.end_headers()
+
+            do_POST = do_PUT
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_canary_stopped_while_recording_records_the_run_whole_first(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    gateway = HeldPushgateway()
+    config = write_config(tmp_path, reference_service.base_url,
+                          prometheus={"pushgateway": gateway.url})
+    out = tmp_path / "run.json"
+    mark = f"canary-rec-{os.getpid()}"
+    try:
+        proc = start(["canary", "--config", str(config), "--json", str(out)], mark,
+                     env={ADMIN_ENV: reference_service.admin_token})
+        try:
+            # Every check has run and the run is in the history: the push is what is left.
+            assert gateway.pushed.wait(scaled(60)), "the canary never pushed its metrics"
+            proc.send_signal(signal.SIGTERM)
+            gateway.release.set()
+            stdout, stderr = proc.communicate(timeout=scaled(30))
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    finally:
+        gateway.close()
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is False and doc["status"] == "OK", doc
+    assert proc.returncode == 0, (stdout, stderr)
+    assert stdout.startswith("CHATPROBE CANARY OK"), stdout
+    assert "SIGTERM came while the run was being recorded" in stderr, stderr
+    assert assert_store_readable(tmp_path / "history.sqlite3") == 1
+    assert survivors(mark, 10) == []
+
+
 # ------------------------------------------------------------------- kills at random points
 
 KILLS = 20
@@ -359,6 +424,12 @@ def test_twenty_kills_at_random_points_leave_no_leftovers_and_no_unreadable_stor
         try:
             if not kill.ended_before:
                 expected = {-signal.SIGKILL} if signum is signal.SIGKILL else {3, -signum}
+                if kind == "canary" and signum is not signal.SIGKILL and result.exists():
+                    # A stop after the checks waits until the run is recorded whole: the
+                    # canary then exits with the run's own status.
+                    whole = json.loads(result.read_text(encoding="utf-8"))
+                    if not whole["partial"]:
+                        expected.add(whole["exit_code"])
                 assert proc.returncode in expected, f"exit {proc.returncode}"
             # The lock died with its holder: the next canary ran rather than refusing.
             assert "another canary run is in progress" not in stdout, stdout

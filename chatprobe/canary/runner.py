@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +128,28 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[str]]:
+    """SIGTERM and SIGINT wait until the block ends (the run being recorded: a few seconds
+    at most, bounded by the budget), so a stop between the checks and the history never
+    loses a whole run; the names of the signals that came are in the yielded list."""
+    came: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        came.append(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, remember)
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield came
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path) -> None:
     """Run probes/ in a child process until done or the budget; fill ``run.results``."""
     deadline = run.started + config.budget_s - RESERVE_S
@@ -195,26 +218,36 @@ def run_canary(config: CanaryConfig, json_path: Path | None = None) -> tuple[Can
         if config.alluredir is not None:
             clear_results(config.alluredir)
         run_suite(config, run, log_path)
-        run.host_broken = _host_broken(config, run)
-        run.duration_s = time.time() - started
-        store: HistoryStore | None = None
-        try:
-            store = HistoryStore(config.history, timeout_s=_left(ends_at))
-            store.append(run)
-            store.prune(config.retention_days * 86400, time.time())
-        except (HarnessError, sqlite3.Error) as exc:
-            problems.append(f"history: {exc}")
-        try:
-            problems += _side_jobs(config, run, store, ends_at)
-        finally:
-            if store is not None:
-                store.close()
+        with _signals_deferred() as came:
+            _record(config, run, json_path, started, ends_at, problems)
+    if came:
+        problems.append(f"{came[0]} came while the run was being recorded; it was recorded "
+                        "whole first")
+    return run, problems
+
+
+def _record(config: CanaryConfig, run: CanaryRun, json_path: Path | None, started: float,
+            ends_at: float, problems: list[str]) -> None:
+    """The run into the history, metrics, alerts and its JSON."""
+    run.host_broken = _host_broken(config, run)
+    run.duration_s = time.time() - started
+    store: HistoryStore | None = None
+    try:
+        store = HistoryStore(config.history, timeout_s=_left(ends_at))
+        store.append(run)
+        store.prune(config.retention_days * 86400, time.time())
+    except (HarnessError, sqlite3.Error) as exc:
+        problems.append(f"history: {exc}")
+    try:
+        problems += _side_jobs(config, run, store, ends_at)
+    finally:
+        if store is not None:
+            store.close()
     if json_path is not None:
         try:
             json_path.write_text(json.dumps(run.to_json(), indent=2) + "\n", encoding="utf-8")
         except OSError as exc:
             problems.append(f"cannot write {json_path}: {exc.strerror}")
-    return run, problems
 
 
 def _left(ends_at: float) -> float:
