@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 from chatprobe import __version__
 from chatprobe.config import ADMIN_TOKEN_ENV, TargetConfig, load_target, with_overrides
 from chatprobe.errors import HarnessError
+from chatprobe.paths import write_json
 from chatprobe.verdict import RunSummary, Status, render_table
 
 EXIT_UNKNOWN = 3
@@ -222,19 +222,6 @@ def _check_output_paths(args: argparse.Namespace) -> None:
 
 def _report(args: argparse.Namespace, summary: RunSummary, started_s: float) -> int:
     return _report_doc(args, summary.to_json(), started_s)
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-    """Whole or not at all: a run killed while writing must not leave half a document
-    where the last one was (a temporary file beside it, renamed over it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
 
 
 def _report_doc(args: argparse.Namespace, doc: dict[str, Any], started_s: float) -> int:

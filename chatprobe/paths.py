@@ -1,9 +1,13 @@
-"""Where chatprobe finds the checkout's data folders (fixtures/, reports/) and its state."""
+"""Where chatprobe finds the checkout's data folders (fixtures/, reports/) and its state, and
+how it writes a result file."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def project_root() -> Path:
@@ -21,3 +25,16 @@ def fixtures_dir() -> Path:
 def state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "chatprobe"
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Whole or not at all: a run killed while writing must not leave half a document
+    where the last one was (a temporary file beside it, renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()

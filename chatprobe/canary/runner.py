@@ -34,7 +34,7 @@ from chatprobe.canary.model import CanaryRun, CheckResult
 from chatprobe.children import die_with_parent
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError
-from chatprobe.paths import project_root
+from chatprobe.paths import project_root, write_json
 
 if TYPE_CHECKING:
     from chatprobe.canary.alerts import AlertConfig
@@ -245,7 +245,7 @@ def _record(config: CanaryConfig, run: CanaryRun, json_path: Path | None, starte
             store.close()
     if json_path is not None:
         try:
-            json_path.write_text(json.dumps(run.to_json(), indent=2) + "\n", encoding="utf-8")
+            write_json(json_path, run.to_json())  # whole even if killed mid-write
         except OSError as exc:
             problems.append(f"cannot write {json_path}: {exc.strerror}")
 
