@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import yaml
 
 from chatprobe.config import ADMIN_TOKEN_ENV, parse_target
 from chatprobe.errors import HarnessError
-from chatprobe.swarm.runner import SwarmOptions
+from chatprobe.swarm.runner import STAMP_KEY_ENV, SwarmOptions
 from tests.conftest import ROOT, ServiceProcess, scaled
 
 
@@ -103,6 +104,7 @@ def test_no_process_of_a_swarm_shows_the_admin_token(reference_service: ServiceP
 AGENT_1 = "p1-AgentSecret+7Rq2/Zx4Vw"
 AGENT_2 = "p2-AgentSecret+9Lm4/Kv8Tn"
 ADMIN = "adm-AdminSecret+3Tw8/Hy6Pe"
+SWARM_STAMP_KEY = bytes.fromhex("5ca1ab1e0ddba11c0ffee0ddf00dfeed")
 WRONG = "wrong-AgentSecret+5Ns1/Jd2Qc"
 AGENT_1_ENV = "CHATPROBE_TEST_LEAK_AGENT_1"
 WRONG_ENV = "CHATPROBE_TEST_LEAK_WRONG"
@@ -214,6 +216,9 @@ def test_no_output_of_a_probe_swarm_canary_or_report_run_holds_a_secret(
         shape = tmp_path / "shape.yaml"
         shape.write_text("name: tiny\nstages:\n  - {duration: 3, users: 3, spawn_rate: 3}\n",
                          encoding="utf-8")
+        # The swarm's stamp key is made in the Locust master unless the environment names
+        # one: named here, so that it can be looked for like the others.
+        monkeypatch.setenv(STAMP_KEY_ENV, SWARM_STAMP_KEY.hex())
         run("swarm", "swarm", "--target", service.base_url, "--config", str(target),
             "--shape", str(shape), "--think-scale", "0.1", "--json", str(out / "swarm.json"),
             "--alluredir", str(allure), "--csv", str(out / "locust" / "swarm"), codes=(0, 1))
@@ -222,7 +227,14 @@ def test_no_output_of_a_probe_swarm_canary_or_report_run_holds_a_secret(
     # The runs did use the secrets: the agents logged in with the right tokens, and the
     # wrong token was refused (its error messages are among the outputs grepped).
     assert json.loads((out / "probe.json").read_text())["delivered"] == 20
-    assert json.loads((out / "swarm.json").read_text())["delivered"] > 0
+    swarm_run = json.loads((out / "swarm.json").read_text())
+    assert swarm_run["delivered"] > 0
+    # ... and the swarm signed its stamps with that key: the service's own store says so.
+    swarm_codec = StampCodec(swarm_run["run"], SWARM_STAMP_KEY)
+    with sqlite3.connect(tmp_path / "service.sqlite3") as db:
+        texts = [text for (text,) in db.execute("SELECT text FROM messages")]
+    signed = [p for p in map(swarm_codec.parse, texts) if p is not None and not p.foreign]
+    assert signed and all(p.valid for p in signed), len(signed)
     refused = json.loads((out / "probe-wrong.json").read_text())["diagnoses"][0]
     assert refused["cause"] == "auth.rejected", refused
     causes = {check["cause"] for check in
@@ -248,9 +260,21 @@ def test_no_output_of_a_probe_swarm_canary_or_report_run_holds_a_secret(
 
     secrets = {"agent token 1": AGENT_1.encode(), "agent token 2": AGENT_2.encode(),
                "admin token": ADMIN.encode(), "wrong agent token": WRONG.encode(),
-               "stamp key": stamp_keys[0]}
+               "stamp key": stamp_keys[0], "swarm's stamp key": SWARM_STAMP_KEY}
     leaks = [f"the {what} ({form}) in {where}"
              for what, secret in secrets.items()
              for form, encoded in encodings(secret).items()
              for where, content in outputs.items() if encoded in content]
     assert not leaks, leaks
+
+
+@pytest.mark.parametrize("value, message", [
+    ("not-hex", "must be hex digits"), ("00ff", "must be at least 16 hex digits")])
+def test_a_bad_swarm_stamp_key_is_a_one_line_error(
+        monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
+    from tests.test_cli import assert_one_line_error, chatprobe
+
+    monkeypatch.setenv(STAMP_KEY_ENV, value)
+    # Checked before Locust starts: nothing listens at the target, nothing is sent.
+    result = chatprobe("swarm", "--target", "http://127.0.0.1:9", "--shape", "midnight-spike")
+    assert_one_line_error(result, 3, f"${STAMP_KEY_ENV} {message}")

@@ -37,6 +37,7 @@ from chatprobe.ledger import MessageRecord, Outcome
 from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import Collector
 from chatprobe.swarm.engine import WorkerEngine, clock_domain, now_us
+from chatprobe.swarm.runner import STAMP_KEY_ENV
 from chatprobe.swarm.scripts import Script, load_script
 from chatprobe.swarm.shapes import Shape, load_shape
 from chatprobe.verdict import RunSummary, render_table
@@ -94,9 +95,11 @@ def _options(parser: Any) -> None:
                        help="do not print chatprobe's summary at the end")
     group.add_argument("--cp-sla-ms", type=float, default=0.0)
     group.add_argument("--cp-deadline-ms", type=float, default=0.0)
-    # Generated on the master and passed to workers with the spawn message.
+    # Generated on the master and passed to workers with the spawn message; the key can be
+    # chosen through the environment (never on a command line, where ps shows it).
     group.add_argument("--cp-run", default="", include_in_web_ui=False)
-    group.add_argument("--cp-secret", default="", include_in_web_ui=False)
+    group.add_argument("--cp-secret", default="", include_in_web_ui=False,
+                       env_var=STAMP_KEY_ENV)
 
 
 @dataclasses.dataclass
@@ -155,9 +158,9 @@ def _on_init(environment: Environment, **_: Any) -> None:
     if environment.parsed_options is None:
         return
     options = _opts(environment)
-    if not isinstance(environment.runner, WorkerRunner) and not options.cp_secret:
+    if not isinstance(environment.runner, WorkerRunner):
         options.cp_run = options.cp_run or secrets.token_hex(4)
-        options.cp_secret = secrets.token_bytes(16).hex()
+        options.cp_secret = options.cp_secret or secrets.token_bytes(16).hex()
     runner = environment.runner
     if isinstance(runner, MasterRunner):
         runner.register_message(BATCH_MESSAGE, _on_batch)

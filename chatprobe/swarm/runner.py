@@ -43,6 +43,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # summary (about a second); past this it is killed and the summary may be missing.
 STOP_GRACE_S = 20.0
 GROUP_EXIT_S = 5.0  # for killed stragglers of Locust's process group to disappear
+# The swarm's stamp key (hex), when it must be known outside the run (a consumer checking
+# stamps); random per run otherwise.
+STAMP_KEY_ENV = "CHATPROBE_SWARM_STAMP_KEY"
+
+
+def check_stamp_key() -> None:
+    """A stamp key given through the environment must be one: 8 bytes or more, in hex."""
+    value = os.environ.get(STAMP_KEY_ENV)
+    if not value:
+        return
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        raise HarnessError(f"${STAMP_KEY_ENV} must be hex digits") from None
+    if len(key) < 8:
+        raise HarnessError(f"${STAMP_KEY_ENV} must be at least 16 hex digits (8 bytes)")
 
 @dataclass
 class SwarmOptions:
@@ -226,6 +242,7 @@ def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str
     # Fail before starting Locust on what we can check here: one line, exit 3.
     shape = load_shape(options.shape).fitted(options.duration_s)
     load_script(options.script)
+    check_stamp_key()
     with tempfile.TemporaryDirectory(prefix="chatprobe-swarm-") as folder:
         json_path = Path(folder) / "summary.json"
         stop_file = Path(folder) / "stopped"
