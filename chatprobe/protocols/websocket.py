@@ -7,10 +7,11 @@ is parsed in ``data_received`` and handed to a callback at once, and a send is o
 The protocol state machine (handshake, closing, every unusual frame) stays websockets',
 which is well kept and tested. Once the connection is open, the frames a chat connection
 carries all day (whole text and binary messages, pings, pongs) are parsed and written here
-directly: websockets' generator-driven parser and its per-frame urandom call for the mask
-were a third of the swarm worker's loop. Anything else (a close, a fragment, reserved bits,
-a masked or oversized frame) goes to websockets from that byte on, until the connection is
-open and between frames again, so its errors and close codes stay exactly websockets'.
+directly: websockets' generator-driven parser, its frame serializer and its per-frame
+urandom call for the mask were about a fifth of the swarm worker's loop. Anything else (a
+close, a fragment, reserved bits, a masked or oversized frame) goes to websockets from that
+byte on, until the connection is open and between frames again, so its errors and close
+codes stay exactly websockets'.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ except ImportError:  # a websockets built without its C extension
     from websockets.utils import apply_mask
 
 _masks: list[bytes] = []
+
+
+# A child forked after the pool filled must not reuse the parent's masks.
+os.register_at_fork(after_in_child=_masks.clear)
 
 
 def _next_mask() -> bytes:
@@ -131,6 +136,21 @@ class Inbox:
         self._on_message = on_message
 
 
+def _between_frames(protocol: ClientProtocol) -> bool:
+    """Whether websockets' parser waits for the first byte of a frame. An empty buffer is not
+    enough: its frame parser takes a header off the buffer before it waits for the payload.
+    At a frame boundary the innermost generator of its parser is the reader's ``at_eof``;
+    anything else (or another websockets' layout) keeps the fast path off, which is only
+    slower."""
+    if protocol.reader.buffer:
+        return False
+    generator = protocol.parser
+    while (inner := getattr(generator, "gi_yieldfrom", None)) is not None:
+        generator = inner
+    code = getattr(generator, "gi_code", None)
+    return code is not None and code.co_name == "at_eof"
+
+
 class WebSocket(Inbox, asyncio.Protocol):
     """One client connection over websockets' sans-I/O protocol."""
 
@@ -186,7 +206,7 @@ class WebSocket(Inbox, asyncio.Protocol):
         # Between frames of an open connection with nothing of websockets' own pending.
         self._fast = (protocol.state is State.OPEN and protocol.handshake_exc is None
                       and self.opened.done() and not protocol.extensions
-                      and protocol.current_size is None and not protocol.reader.buffer
+                      and protocol.current_size is None and _between_frames(protocol)
                       and self.transport is not None)
 
     def _parse_fast(self, data: bytes) -> None:
