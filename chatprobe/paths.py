@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,22 @@ def state_dir() -> Path:
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     """Whole or not at all: a run killed while writing must not leave half a document
-    where the last one was (a temporary file beside it, renamed over it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    where the last one was (a temporary file beside it, renamed over it, with its mode).
+    A path that is not a regular file (/dev/stdout, a pipe) is written in place; a symlink
+    keeps pointing where it did, at the new document."""
+    text = json.dumps(doc, indent=2) + "\n"
+    if path.exists() and not path.is_file():
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return
+    target = path.resolve() if path.is_symlink() else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        temporary.write_text(text, encoding="utf-8")
+        with contextlib.suppress(OSError):
+            shutil.copymode(target, temporary)  # none yet: the default mode
+        os.replace(temporary, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()

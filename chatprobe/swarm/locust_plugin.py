@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import json
 import logging
 import os
 import random
@@ -30,10 +29,16 @@ from locust.env import Environment
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 
 from chatprobe.children import die_with_parent_now
-from chatprobe.config import ADMIN_TOKEN_ENV, load_target, with_overrides
+from chatprobe.config import (
+    ADMIN_TOKEN_ENV,
+    load_target,
+    with_inherited_tls_name,
+    with_overrides,
+)
 from chatprobe.diagnosis import Cause, Diagnosis
 from chatprobe.errors import HarnessError
 from chatprobe.ledger import MessageRecord, Outcome
+from chatprobe.paths import write_json
 from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import Collector
 from chatprobe.swarm.engine import WorkerEngine, clock_domain, now_us
@@ -129,7 +134,8 @@ def _opts(environment: Environment) -> Any:
 
 def _target(environment: Environment) -> tuple[str, Any]:
     options = _opts(environment)
-    config = load_target(Path(options.cp_config) if options.cp_config else None)
+    config = with_inherited_tls_name(
+        load_target(Path(options.cp_config) if options.cp_config else None))
     host = environment.host or options.host
     if not host:
         raise HarnessError("no target: pass --host URL (or --target to chatprobe swarm)")
@@ -370,7 +376,7 @@ def _write_summary(environment: Environment) -> None:
     path = _opts(environment).cp_json
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        write_json(Path(path), doc)  # whole: the runner reads it even after a kill
     STATE.collector = None
 
 

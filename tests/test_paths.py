@@ -1,0 +1,42 @@
+"""Writing a result file: whole or not at all, and never replacing what the path is."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from chatprobe.paths import write_json
+
+
+def test_a_result_replaces_the_last_one_whole_and_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "run.json"
+    write_json(path, {"run": 1})
+    os.chmod(path, 0o640)
+    write_json(path, {"run": 2})
+    assert json.loads(path.read_text()) == {"run": 2}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert [p.name for p in path.parent.iterdir()] == ["run.json"]  # no temporary left
+
+
+def test_a_symlink_keeps_pointing_at_the_new_document(tmp_path: Path) -> None:
+    real = tmp_path / "runs" / "2026-12-01.json"
+    real.parent.mkdir()
+    real.write_text("{}")
+    link = tmp_path / "latest.json"
+    link.symlink_to(real)
+    write_json(link, {"run": 3})
+    assert link.is_symlink() and json.loads(real.read_text()) == {"run": 3}
+
+
+def test_a_pipe_is_written_in_place(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so the writer can open
+    try:
+        write_json(fifo, {"run": 4})
+        assert stat.S_ISFIFO(fifo.stat().st_mode)  # still the pipe, not a file in its place
+        assert json.loads(os.read(reader, 1 << 16)) == {"run": 4}
+    finally:
+        os.close(reader)
