@@ -297,9 +297,9 @@ class Collector:
         self.release_held()
         if stop_requested():
             summary.partial = True
-            summary.harness_error = INTERRUPTED if (
-                summary.harness_error is None or self.ledger.counts.sent == 0
-            ) else f"{summary.harness_error}; {INTERRUPTED}"
+            # The cause already named (agents that could not log in, say) stays first.
+            summary.harness_error = INTERRUPTED if summary.harness_error is None else (
+                f"{summary.harness_error}; {INTERRUPTED}")
         else:
             self.ledger.finish()
         doc = summary.to_json()

@@ -181,18 +181,20 @@ def _end_group(pgid: int, timeout_s: float = GROUP_EXIT_S) -> None:
             time.sleep(0.02)
 
 
-def _stop_locust(proc: subprocess.Popen[bytes]) -> None:
+def _stop_locust(proc: subprocess.Popen[bytes], stopper: _Stopper) -> None:
     """After SIGINT/SIGTERM: Ctrl-C to the master, which stops its users and workers and
-    writes what it measured; a second signal, or no exit within STOP_GRACE_S, kills it."""
+    writes what it measured; a second signal (the stopper, disarmed, keeps it), or no exit
+    within STOP_GRACE_S, kills it."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except (subprocess.TimeoutExpired, Interrupted):
-        with _signals(signal.SIG_IGN):  # a third Ctrl-C must not leave the group running
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    give_up_at = time.monotonic() + STOP_GRACE_S
+    while stopper.pending is None and time.monotonic() < give_up_at:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.1)  # short: a second signal is seen within 0.1 s
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _interrupted_summary(options: SwarmOptions, stopped_by: str) -> dict[str, Any]:
@@ -267,6 +269,7 @@ def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str
                     stopper.arm()  # a signal that came while Popen ran is raised here
                     returncode: int | None = proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
+                    stopper.armed = False  # a signal now must not cut the clean-up short
                     _kill_group(proc)
                     # A summary written before Locust hung is still the run's result.
                     if not json_path.exists():
@@ -274,11 +277,14 @@ def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str
                                            ) from None
                     hung = True
                 except Interrupted as exc:
+                    # Disarmed first: a second signal is kept for _stop_locust, never
+                    # raised in the middle of this.
+                    stopper.armed, stopper.pending = False, None
                     stopped_by = str(exc)
                     # A summary already written is the whole run's: the signal came after.
                     complete_before_stop = json_path.exists()
                     stop_file.touch()  # before Locust hears of it: its summary is partial
-                    _stop_locust(proc)
+                    _stop_locust(proc, stopper)
                     returncode = proc.returncode
             finally:
                 stopper.armed = False  # later signals must not cut the clean-up short
