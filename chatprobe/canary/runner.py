@@ -150,8 +150,11 @@ def _signals_deferred() -> Iterator[list[str]]:
             signal.signal(signum, handler)
 
 
-def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path) -> None:
-    """Run probes/ in a child process until done or the budget; fill ``run.results``."""
+def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path,
+              came: list[str] | None = None) -> None:
+    """Run probes/ in a child process until done or the budget; fill ``run.results``.
+    SIGTERM or Ctrl-C stops it (``came``: signals held back since before it started, which
+    stop it at once; taken from the list)."""
     deadline = run.started + config.budget_s - RESERVE_S
     with tempfile.TemporaryDirectory(prefix="chatprobe-canary-") as folder:
         results_path = Path(folder) / "results.jsonl"
@@ -164,8 +167,11 @@ def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path) -> None:
                                     stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=project_root(),
                                     start_new_session=True)
-            previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+            previous = {signum: signal.signal(signum, _raise_interrupted)
+                        for signum in (signal.SIGTERM, signal.SIGINT)}
             try:
+                if came:
+                    raise Interrupted(came.pop(0))
                 returncode: int | None = proc.wait(
                     timeout=max(0.1, deadline + KILL_GRACE_S - time.time()))
             except subprocess.TimeoutExpired:
@@ -176,7 +182,8 @@ def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path) -> None:
                 returncode = None
                 run.harness_error = f"interrupted ({exc or 'SIGINT'}); results are partial"
             finally:
-                signal.signal(signal.SIGTERM, previous)
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
                 if proc.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
@@ -217,8 +224,10 @@ def run_canary(config: CanaryConfig, json_path: Path | None = None) -> tuple[Can
         config.history.parent.mkdir(parents=True, exist_ok=True)
         if config.alluredir is not None:
             clear_results(config.alluredir)
-        run_suite(config, run, log_path)
+        # Held back from here on but while the suite runs (which they stop), so that no
+        # moment between the checks and the history can lose the run.
         with _signals_deferred() as came:
+            run_suite(config, run, log_path, came)
             _record(config, run, json_path, started, ends_at, problems)
     if came:
         problems.append(f"{came[0]} came while the run was being recorded; it was recorded "
