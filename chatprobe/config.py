@@ -225,10 +225,16 @@ def read_document(path: Path, what: str = "config", missing: str | None = None) 
 
 def load_target(path: Path | None) -> TargetConfig:
     path = path or default_target_path()
-    config = parse_target(read_document(path), str(path))
+    return parse_target(read_document(path), str(path))
+
+
+def with_inherited_tls_name(config: TargetConfig) -> TargetConfig:
+    """``config`` with the TLS name a parent `chatprobe swarm` passed to its Locust processes
+    (a name the config gives itself wins). Only Locust's side reads it: an exported variable
+    left in a shell must not change what a probe or a canary verifies."""
     inherited = os.environ.get(TLS_SERVER_NAME_ENV)
     if inherited and config.tls_server_name is None:
-        config = dataclasses.replace(config, tls_server_name=inherited)
+        return dataclasses.replace(config, tls_server_name=inherited)
     return config
 
 

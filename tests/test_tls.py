@@ -203,6 +203,7 @@ def probe_behind(target: str, config: Path, profiles: str, json_path: Path
                           stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.alone
 def test_a_probe_over_tls_behind_a_latency_profile_verifies_and_shows_the_latency(
         certificates: dict[str, Path], tmp_path: Path) -> None:
     slow = profile_file(tmp_path, "uplink-200", "up: {latency_ms: 200}\n")
@@ -350,7 +351,12 @@ def test_a_canary_over_tls_behind_a_profile_verifies_the_targets_name(
 
 def test_the_tls_name_comes_from_the_config_or_a_parent_chatprobe(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from chatprobe.config import TLS_SERVER_NAME_ENV, load_target, parse_target
+    from chatprobe.config import (
+        TLS_SERVER_NAME_ENV,
+        load_target,
+        parse_target,
+        with_inherited_tls_name,
+    )
     from chatprobe.errors import HarnessError
     from chatprobe.netem.session import via_proxy
 
@@ -369,7 +375,8 @@ def test_the_tls_name_comes_from_the_config_or_a_parent_chatprobe(
     path = tmp_path / "target.yaml"
     path.write_text(yaml.safe_dump({"agents": agents}), encoding="utf-8")
     monkeypatch.setenv(TLS_SERVER_NAME_ENV, "shop.example")
-    assert load_target(path).tls_server_name == "shop.example"
+    assert load_target(path).tls_server_name is None  # a probe or canary ignores it
+    assert with_inherited_tls_name(load_target(path)).tls_server_name == "shop.example"
     path.write_text(yaml.safe_dump({"agents": agents, "tls_server_name": "chat.example"}),
                     encoding="utf-8")
-    assert load_target(path).tls_server_name == "chat.example"
+    assert with_inherited_tls_name(load_target(path)).tls_server_name == "chat.example"
