@@ -156,6 +156,7 @@ def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path,
     SIGTERM or Ctrl-C stops it (``came``: signals held back since before it started, which
     stop it at once; taken from the list)."""
     deadline = run.started + config.budget_s - RESERVE_S
+    stopped_by: str | None = None
     with tempfile.TemporaryDirectory(prefix="chatprobe-canary-") as folder:
         results_path = Path(folder) / "results.jsonl"
         with open(log_path, "w", encoding="utf-8") as log:
@@ -180,7 +181,8 @@ def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path,
                                      "and was stopped")
             except (KeyboardInterrupt, Interrupted) as exc:
                 returncode = None
-                run.harness_error = f"interrupted ({exc or 'SIGINT'}); results are partial"
+                stopped_by = str(exc) or "SIGINT"
+                run.harness_error = f"interrupted ({stopped_by}); results are partial"
             finally:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
@@ -192,6 +194,12 @@ def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path,
     got = {r.check_id for r in run.results}
     missing = [check for check in config.check_ids() if check not in got]
     run.partial = bool(missing)
+    if stopped_by is not None and not missing:
+        # The signal cut only the suite's tear-down: every check has its result, so the
+        # run is whole and judged by them; the signal is reported beside it.
+        run.harness_error = None
+        if came is not None:
+            came.append(stopped_by)
     if run.partial and run.harness_error is None:
         run.harness_error = (f"the suite ended (pytest exit {returncode}) before every check "
                              f"had run; its output is in {log_path}")
@@ -230,7 +238,7 @@ def run_canary(config: CanaryConfig, json_path: Path | None = None) -> tuple[Can
             run_suite(config, run, log_path, came)
             _record(config, run, json_path, started, ends_at, problems)
     if came:
-        problems.append(f"{came[0]} came while the run was being recorded; it was recorded "
+        problems.append(f"{came[0]} came after every check had run; the run was recorded "
                         "whole first")
     return run, problems
 
