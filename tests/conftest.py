@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from chatprobe.config import TargetConfig, load_target
+from chatprobe.stamp import StampCodec
 
 TIMEOUT_SCALE = float(os.environ.get("CHATPROBE_TEST_TIMEOUT_SCALE", "1"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +140,21 @@ def reference_service(tmp_path: Path) -> Iterator[ServiceProcess]:
         yield service
     finally:
         service.stop()
+
+
+def capture_stamp_keys(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The stamp key of every run started in this process from now on, in order: a test
+    that knows a run's key can look for it in what the run wrote."""
+    keys: list[bytes] = []
+    new_run = StampCodec.new_run
+
+    def remember(run: str | None = None) -> StampCodec:
+        codec = new_run(run)
+        keys.append(codec.secret)
+        return codec
+
+    monkeypatch.setattr(StampCodec, "new_run", remember)
+    return keys
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

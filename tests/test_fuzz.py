@@ -150,24 +150,9 @@ def test_the_reference_client_survives_any_frame_from_the_target(tally: Tally) -
 
 
 def test_the_websocket_client_survives_any_bytes_after_the_handshake(tally: Tally) -> None:
-    from websockets.client import ClientProtocol
     from websockets.protocol import State
-    from websockets.uri import parse_uri
-    from websockets.utils import accept_key
 
-    from chatprobe.protocols.websocket import WebSocket
-
-    class Transport:
-        """Where the client writes: nowhere (the peer is the fuzzer)."""
-
-        def write(self, data: bytes) -> None:
-            pass
-
-        def can_write_eof(self) -> bool:
-            return False
-
-        def abort(self) -> None:
-            pass
+    from tests.test_websocket import opened_client
 
     small_frames = st.builds(
         lambda opcode, fin, payload, extra: bytes([fin << 7 | opcode, len(payload)])
@@ -182,17 +167,8 @@ def test_the_websocket_client_survives_any_bytes_after_the_handshake(tally: Tall
                         max_size=6))
         def check(chunks: list[bytes]) -> None:
             tally()
-            protocol = ClientProtocol(parse_uri("ws://127.0.0.1:9/ws"), max_size=1 << 20)
-            request = protocol.connect()
-            protocol.send_request(request)
-            ws = WebSocket(protocol, 0, 10, 1)
-            ws.transport = Transport()  # type: ignore[assignment]
-            # A real opening handshake first: frames from here on.
-            ws.data_received(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                + accept_key(request.headers["Sec-WebSocket-Key"]).encode() + b"\r\n\r\n")
-            assert ws.opened.done() and protocol.state is State.OPEN
+            ws, _ = opened_client()  # a real opening handshake first: frames from here on
+            assert ws.opened.done() and ws.protocol.state is State.OPEN
             messages: list[object] = []
             ws.deliver_to(messages.append)
             for chunk in chunks:

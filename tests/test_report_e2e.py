@@ -14,8 +14,7 @@ import pytest
 from chatprobe.cli import main
 from chatprobe.report.build import build_report
 from chatprobe.report.categories import PLATFORM
-from chatprobe.stamp import StampCodec
-from tests.conftest import ServiceProcess
+from tests.conftest import ServiceProcess, capture_stamp_keys
 from tests.test_canary import canary, write_config
 from tests.test_report_build import embedded_files, render, require_allure, result_ids
 
@@ -25,15 +24,7 @@ def probe_with_loss(service: ServiceProcess, allure: Path, json_path: Path,
     """`chatprobe probe` in this process (so the test knows the run's stamp key) against a
     service that drops 10 % of the pushes."""
     service.ok("POST", "/admin/faults", {"drop": 0.1, "seed": 11})
-    keys: list[bytes] = []
-    new_run = StampCodec.new_run
-
-    def remember(run: str | None = None) -> StampCodec:
-        codec = new_run(run)
-        keys.append(codec.secret)
-        return codec
-
-    monkeypatch.setattr(StampCodec, "new_run", remember)
+    keys = capture_stamp_keys(monkeypatch)
     code = main(["probe", "--target", service.base_url, "--messages", "80", "--customers",
                  "4", "--admin-token", service.admin_token, "--deadline-ms", "2000",
                  "--sla-ms", "1000", "--alluredir", str(allure), "--json", str(json_path),

@@ -21,7 +21,7 @@ import yaml
 from chatprobe.config import ADMIN_TOKEN_ENV, parse_target
 from chatprobe.errors import HarnessError
 from chatprobe.swarm.runner import STAMP_KEY_ENV, SwarmOptions
-from tests.conftest import ROOT, ServiceProcess, scaled
+from tests.conftest import ROOT, ServiceProcess, capture_stamp_keys, scaled
 
 
 def test_tokens_come_from_the_file_an_environment_variable_or_a_file_of_their_own(
@@ -183,14 +183,6 @@ def test_no_output_of_a_probe_swarm_canary_or_report_run_holds_a_secret(
         outputs[f"{name} stdout"], outputs[f"{name} stderr"] = result.stdout, result.stderr
         assert result.returncode in codes, (name, result.stdout, result.stderr)
 
-    stamp_keys: list[bytes] = []
-    new_run = StampCodec.new_run
-
-    def remember(run_id: str | None = None) -> StampCodec:
-        codec = new_run(run_id)
-        stamp_keys.append(codec.secret)
-        return codec
-
     try:
         # The canary first: a canary run clears its Allure folder of earlier results.
         run("canary", "canary", "--config",
@@ -200,7 +192,7 @@ def test_no_output_of_a_probe_swarm_canary_or_report_run_holds_a_secret(
             str(write_canary(tmp_path, out, service.base_url, wrong, out / "allure-wrong")),
             "--json", str(out / "canary-wrong.json"), codes=(2,))
         # The probe in this process, so that the test knows the run's stamp key.
-        monkeypatch.setattr(StampCodec, "new_run", remember)
+        stamp_keys = capture_stamp_keys(monkeypatch)  # only this run starts in-process
         capfd.readouterr()
         code = main(["probe", "--target", service.base_url, "--config", str(target),
                      "--messages", "20", "--customers", "2", "--json", str(out / "probe.json"),
@@ -209,7 +201,6 @@ def test_no_output_of_a_probe_swarm_canary_or_report_run_holds_a_secret(
         outputs["probe stdout"] = captured.out.encode()
         outputs["probe stderr"] = captured.err.encode()
         assert code == 0, captured
-        monkeypatch.setattr(StampCodec, "new_run", new_run)
         run("probe, wrong token", "probe", "--target", service.base_url, "--config",
             str(wrong), "--messages", "5", "--customers", "1", "--json",
             str(out / "probe-wrong.json"), "--alluredir", str(allure), codes=(2,))

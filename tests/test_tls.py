@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -194,27 +195,32 @@ def profile_file(folder: Path, name: str, body: str) -> Path:
     return path
 
 
-def probe_behind(target: str, config: Path, profiles: str, json_path: Path
-                 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "chatprobe.cli", "probe", "--target", target,
-                           "--config", str(config), "--messages", "20", "--customers", "2",
-                           "--profile", profiles, "--json", str(json_path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=scaled(90),
-                          stdin=subprocess.DEVNULL)
+def probe_behind(tmp_path: Path, certificates: dict[str, Path], profiles: str,
+                 certificate: str = "localhost"
+                 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """A probe of a TLS service (its certificate ``certificate``), addressed by name, behind
+    ``profiles``; its result and its JSON document."""
+    json_path = tmp_path / "run.json"
+    service = tls_service(tmp_path, certificates, certificate)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "chatprobe.cli", "probe", "--target", by_name(service),
+             "--config", str(target_config(tmp_path, certificates["ca"])), "--messages", "20",
+             "--customers", "2", "--profile", profiles, "--json", str(json_path)],
+            capture_output=True, text=True, cwd=ROOT, timeout=scaled(90),
+            stdin=subprocess.DEVNULL)
+    finally:
+        service.stop()
+    return result, json.loads(json_path.read_text())
 
 
 @pytest.mark.alone
 def test_a_probe_over_tls_behind_a_latency_profile_verifies_and_shows_the_latency(
         certificates: dict[str, Path], tmp_path: Path) -> None:
     slow = profile_file(tmp_path, "uplink-200", "up: {latency_ms: 200}\n")
-    service = tls_service(tmp_path, certificates)
-    try:
-        result = probe_behind(by_name(service), target_config(tmp_path, certificates["ca"]),
-                              f"clean,{slow}", tmp_path / "run.json")
-    finally:
-        service.stop()
+    result, doc = probe_behind(tmp_path, certificates, f"clean,{slow}")
     assert result.returncode == 0, result.stdout + result.stderr
-    clean, behind = json.loads((tmp_path / "run.json").read_text())["profiles"]
+    clean, behind = doc["profiles"]
     for run in (clean, behind):
         assert run["sent"] == run["delivered"] == 20, run["diagnoses"]
     assert behind["proxy"]["customers"]["faulted"] == behind["proxy"]["customers"][
@@ -228,14 +234,8 @@ def test_a_probe_over_tls_behind_a_latency_profile_verifies_and_shows_the_latenc
 def test_a_certificate_for_another_name_is_still_refused_behind_a_profile(
         certificates: dict[str, Path], tmp_path: Path) -> None:
     slow = profile_file(tmp_path, "uplink-20", "up: {latency_ms: 20}\n")
-    service = tls_service(tmp_path, certificates, "wrong-host")
-    try:
-        result = probe_behind(by_name(service), target_config(tmp_path, certificates["ca"]),
-                              str(slow), tmp_path / "run.json")
-    finally:
-        service.stop()
+    result, doc = probe_behind(tmp_path, certificates, str(slow), "wrong-host")
     assert result.returncode == 2, result.stdout + result.stderr
-    doc = json.loads((tmp_path / "run.json").read_text())
     assert doc["diagnoses"][0]["cause"] == "tls.wrong_host_name", doc["diagnoses"]
     assert "verified as localhost" in doc["diagnoses"][0]["explanation"]
 
@@ -246,14 +246,8 @@ def test_upgrade_faults_over_tls_are_listed_as_skipped_with_the_reason(
 
     refusing = profile_file(tmp_path, "refusing-proxy",
                             "up: {latency_ms: 20}\nmiddlebox: {upgrade: refuse}\n")
-    service = tls_service(tmp_path, certificates)
-    try:
-        result = probe_behind(by_name(service), target_config(tmp_path, certificates["ca"]),
-                              str(refusing), tmp_path / "run.json")
-    finally:
-        service.stop()
+    result, doc = probe_behind(tmp_path, certificates, str(refusing))
     assert result.returncode == 0, result.stdout + result.stderr
-    doc = json.loads((tmp_path / "run.json").read_text())
     assert doc["sent"] == doc["delivered"] == 20
     emulation = {item["parameter"]: item for item in doc["emulation"]}
     assert not emulation["middlebox.upgrade"]["emulated"]

@@ -198,8 +198,9 @@ def test_a_connection_reset_before_any_answer_is_a_network_failure() -> None:
 # ------------------------------------------------ the fast path against websockets' own parser
 
 
-def _opened_client() -> tuple[WebSocket, list[bytes]]:
-    """A client past a real opening handshake, writing into a list."""
+def opened_client() -> tuple[WebSocket, list[bytes]]:
+    """A client past a real opening handshake, writing into a list (call inside a running
+    event loop)."""
     protocol = ClientProtocol(parse_uri("ws://127.0.0.1:9/ws"), max_size=1 << 20)
     request = protocol.connect()
     protocol.send_request(request)
@@ -251,7 +252,7 @@ def test_the_fast_path_reads_any_stream_of_ordinary_frames_as_websockets_does(
 
 
 async def _read_fast(frames: list[tuple[Opcode, bytes]], cuts: list[int]) -> None:
-    ws, written = _opened_client()
+    ws, written = opened_client()
     received: list[Message] = []
     ws.deliver_to(received.append)
     stream = b"".join(_server_frame(opcode, payload) for opcode, payload in frames)
@@ -277,7 +278,7 @@ def test_frames_written_by_the_fast_path_parse_on_a_websockets_server(texts: lis
 
 
 async def _write_fast(texts: list[str]) -> None:
-    ws, written = _opened_client()
+    ws, written = opened_client()
     for text in texts:
         ws.send_now(text)
     frames = _client_frames_seen_by_a_server(written)  # the server insists on masked frames
@@ -292,7 +293,7 @@ def test_a_close_or_a_fragment_mid_stream_goes_to_websockets_and_back() -> None:
 
 
 async def _close_and_fragment() -> None:
-    ws, written = _opened_client()
+    ws, written = opened_client()
     received: list[Message] = []
     ws.deliver_to(received.append)
     ws.data_received(_server_frame(Opcode.TEXT, b"one")
@@ -331,7 +332,7 @@ def test_fragments_and_any_cuts_switch_between_the_parsers_without_losing_a_byte
 
 
 async def _read_fragments(messages: list[tuple[bytes, bool, int]], cuts: list[int]) -> None:
-    ws, _ = _opened_client()
+    ws, _ = opened_client()
     received: list[Message] = []
     ws.deliver_to(received.append)
     # A fragmented message is websockets' to read; the fast path must take over again only

@@ -366,34 +366,39 @@ class WorkerEngine:
                                f"reply:{step.kind}"])
 
         client_msg_id = f"{self.codec.run}-r-{conversation}-{seq}"
-
-        def sent(future: asyncio.Future[Ack] | None) -> None:
-            if future is None:
-                self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted lost")
-                return
-            # A refusal (e.g. the customer already closed the conversation) is reported.
-            future.add_done_callback(self._ack_recorder(agent_id, reply_conversation, seq))
-
-        def failed(exc: TargetError) -> None:
-            self.out.events.append(f"{agent_id}: reply to {conversation} failed: {exc}")
-
         try:
-            # Most adapters reply without waiting: no task per reply on the hot path.
+            # Most adapters reply without waiting: no task (nor closure) per reply.
             soon = agent.reply_to_soon(server_id, client_msg_id, text)
         except TargetError as exc:
-            failed(exc)
+            self._reply_failed(agent_id, conversation, exc)
             return
-        if soon is not False:
-            sent(soon)
+        if soon is False:
+            self._spawn(self._reply_later(agent, agent_id, server_id, client_msg_id, text,
+                                          conversation, seq))
+        else:
+            self._reply_sent(soon, agent_id, reply_conversation, seq)
+
+    async def _reply_later(self, agent: AgentSession, agent_id: str, server_id: str,
+                           client_msg_id: str, text: str, conversation: str,
+                           seq: int) -> None:
+        """The reply of an adapter whose reply_to waits."""
+        try:
+            future = await agent.reply_to(server_id, client_msg_id, text)
+        except TargetError as exc:
+            self._reply_failed(agent_id, conversation, exc)
             return
+        self._reply_sent(future, agent_id, f"{conversation}{REPLY_SUFFIX}", seq)
 
-        async def send_reply() -> None:
-            try:
-                sent(await agent.reply_to(server_id, client_msg_id, text))
-            except TargetError as exc:
-                failed(exc)
+    def _reply_sent(self, future: asyncio.Future[Ack] | None, agent_id: str,
+                    reply_conversation: str, seq: int) -> None:
+        if future is None:
+            self.out.events.append(f"{agent_id}: adapter cannot reply; reply counted lost")
+            return
+        # A refusal (e.g. the customer already closed the conversation) is reported.
+        future.add_done_callback(self._ack_recorder(agent_id, reply_conversation, seq))
 
-        self._spawn(send_reply())
+    def _reply_failed(self, agent_id: str, conversation: str, exc: TargetError) -> None:
+        self.out.events.append(f"{agent_id}: reply to {conversation} failed: {exc}")
 
     def _customer_receiver(self, customer: _Customer) -> Callable[[str, str | None], None]:
         parse = self.codec.parse
