@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import socket
 import time
@@ -189,6 +191,89 @@ class EngineOutput:
     send_lag_max_us: int = 0  # a maximum, reset by the reader (a lost reset only repeats it)
 
 
+class _Round:
+    """A round being played: the send clock calls :meth:`send_next` when its next message is
+    due, and the next message is scheduled only once this one is handed to the adapter, so a
+    customer's messages leave in order."""
+
+    __slots__ = ("conversation", "customer", "done", "drop_after", "earliest_us", "engine",
+                 "finished", "index", "name", "plan", "session")
+
+    def __init__(self, engine: WorkerEngine, session: CustomerSession, customer: _Customer,
+                 name: str, plan: list[Planned], drop_after: int, earliest_us: int,
+                 conversation: _Conversation) -> None:
+        self.engine = engine
+        self.session = session
+        self.customer = customer
+        self.name = name
+        self.plan = plan
+        self.drop_after = drop_after
+        self.earliest_us = earliest_us
+        self.conversation = conversation
+        self.index = 0  # the plan's next message
+        self.done = 0  # messages of the plan recorded as sent so far
+        # Done when the round is over; cancelled with the task awaiting it.
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def send_next(self, sent: int) -> None:
+        finished = self.finished
+        if finished.done():
+            return
+        if self.customer.leaving:
+            finished.set_result(None)  # the user was stopped: the rest never happens
+            return
+        engine, name = self.engine, self.name
+        out, codec, script = engine.out, engine.codec, engine.script
+        intended_us, kind, body = self.plan[self.index]
+        # Latency still counts from the plan; lateness is the generator's own share.
+        lag = sent - max(intended_us, self.earliest_us)
+        if lag > LATE_SEND_US:
+            out.late_sends += 1
+        if lag > out.send_lag_max_us:
+            out.send_lag_max_us = lag
+        seq = self.index + 1
+        out.sends.append([name, name, seq, intended_us, sent, kind])
+        self.done = seq
+        conversation = self.conversation
+        try:
+            text = codec.stamp_text(body, name, name, seq, intended_us)
+            step = script.step_for_seq(seq) if script is not None else None
+            if step is not None and step.expects_reply:
+                conversation.awaiting_replies.add(seq)
+                conversation.replies_done.clear()
+            # The ack arrives later; not waiting for it keeps the open-model pace.
+            client_msg_id = f"{codec.run}-{name}-{seq}"
+            ack = self.session.send_soon(conversation.id, client_msg_id, text)
+        except Exception as exc:  # the round's coroutine raises it
+            finished.set_exception(exc)
+            return
+        if ack is None:  # an adapter whose send waits
+            engine._spawn(self._send_waiting(client_msg_id, text, seq))
+            return
+        ack.add_done_callback(engine._ack_recorder(self.customer.name, name, seq))
+        self._sent()
+
+    async def _send_waiting(self, client_msg_id: str, text: str, seq: int) -> None:
+        try:
+            ack = await self.session.send(self.conversation.id, client_msg_id, text)
+        except Exception as exc:
+            if not self.finished.done():
+                self.finished.set_exception(exc)
+            return
+        ack.add_done_callback(self.engine._ack_recorder(self.customer.name, self.name, seq))
+        if not self.finished.done():
+            self._sent()
+
+    def _sent(self) -> None:
+        if self.index == self.drop_after and self.session.drop_connection():
+            self.engine.out.events.append(f"{self.customer.name} dropped its connection")
+        self.index += 1
+        if self.index < len(self.plan):
+            self.engine._schedule(self.plan[self.index][0], self)
+        else:
+            self.finished.set_result(None)
+
+
 class WorkerEngine:
     """One per Locust process: customers (this worker's users) and, on one worker, agents."""
 
@@ -225,6 +310,11 @@ class WorkerEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._handoff: deque[tuple[str, tuple[str, list[Planned], int, int] | None]] = deque()
         self._wake_pending = False
+        self._due: list[tuple[int, int, _Round]] = []  # (due µs, tie-breaker, round)
+        self._due_order = itertools.count()
+        self._due_timer: asyncio.TimerHandle | None = None
+        self._due_timer_at = 0
+        self._sending_due = False
 
     # -- greenlet side -----------------------------------------------------------------
 
@@ -486,10 +576,9 @@ class WorkerEngine:
         name = f"{self.worker}{round_name}"
         if customer.leaving:
             return
-        out, codec, script = self.out, self.codec, self.script
         channels = self.config.channels
         channel = channels[zlib.crc32(name.encode()) % len(channels)]
-        done = 0  # messages of the plan recorded as sent so far
+        playing: _Round | None = None
         try:
             # The customer opens the chat window, then types: the open overlaps the first
             # think time. A send held up by the target's answer waited for the target, so
@@ -498,43 +587,56 @@ class WorkerEngine:
             customer.connecting_since_us = None
             opened = await session.open_conversation(name, channel)
             conversation = customer.conversations[name] = _Conversation(opened.id)
-            # An on-time generator could send no sooner than the round's start plus the time
-            # the target took (connecting, opening); any later is the generator's own delay.
-            earliest_us = start_us + now_us() - asked_us
-            for number, (intended_us, kind, body) in enumerate(plan):
-                # uvloop keeps timers in whole milliseconds and may wake early: a message sent
-                # before its planned time could even arrive "before" it. Sleep until it is due.
-                while (delay_us := intended_us - now_us()) > 0:
-                    await asyncio.sleep(delay_us / 1e6)
-                if customer.leaving:
-                    break  # the user was stopped: the rest of its script never happens
-                sent = now_us()
-                # Latency still counts from the plan; lateness is the generator's own share.
-                lag = sent - max(intended_us, earliest_us)
-                if lag > LATE_SEND_US:
-                    out.late_sends += 1
-                if lag > out.send_lag_max_us:
-                    out.send_lag_max_us = lag
-                seq = number + 1
-                out.sends.append([name, name, seq, intended_us, sent, kind])
-                done = seq
-                text = codec.stamp_text(body, name, name, seq, intended_us)
-                step = script.step_for_seq(seq) if script is not None else None
-                if step is not None and step.expects_reply:
-                    conversation.awaiting_replies.add(seq)
-                    conversation.replies_done.clear()
-                # The ack arrives later; not waiting for it keeps the open-model pace.
-                client_msg_id = f"{codec.run}-{name}-{seq}"
-                ack = session.send_soon(conversation.id, client_msg_id, text)
-                if ack is None:  # an adapter whose send waits
-                    ack = await session.send(conversation.id, client_msg_id, text)
-                ack.add_done_callback(self._ack_recorder(customer.name, name, seq))
-                if number == drop_after and session.drop_connection():
-                    out.events.append(f"{customer.name} dropped its connection")
+            if plan:
+                # An on-time generator could send no sooner than the round's start plus the
+                # time the target took (connecting, opening); later is the generator's delay.
+                playing = _Round(self, session, customer, name, plan, drop_after,
+                                 start_us + now_us() - asked_us, conversation)
+                self._schedule(plan[0][0], playing)
+                await playing.finished
             self._spawn(self._close_when_answered(session, customer, name, conversation))
         except TargetError:
-            self._record_unsent(name, plan, done)
+            self._record_unsent(name, plan, playing.done if playing is not None else 0)
             raise
+
+    # The send clock: every customer's next message waits in one heap under one timer, so a
+    # message costs a heap push and pop instead of a sleeping coroutine and a timer of its own.
+
+    def _schedule(self, at_us: int, playing: _Round) -> None:
+        heapq.heappush(self._due, (at_us, next(self._due_order), playing))
+        if self._sending_due:
+            return  # _send_due arms the timer for what is left when it is done
+        timer = self._due_timer
+        if timer is None or at_us < self._due_timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._arm_due(at_us)
+
+    def _arm_due(self, at_us: int) -> None:
+        # Whole milliseconds, rounded up: uvloop rounds a shorter delay to 0 and the loop
+        # would spin (a core busy doing nothing, read as a saturated generator) until the
+        # message is due. A message thus leaves up to ~1 ms after its plan; that delay is
+        # the generator's, measured (latency counts from the plan) and far below LATE_SEND_US.
+        self._due_timer_at = at_us
+        self._due_timer = asyncio.get_running_loop().call_later(
+            max(0, at_us - now_us()) / 1e6, self._send_due)
+
+    def _send_due(self) -> None:
+        self._due_timer = None
+        due = self._due
+        self._sending_due = True
+        try:
+            while due:
+                now = now_us()
+                # uvloop keeps timers in whole milliseconds and may wake early: a message
+                # sent before its planned time could even arrive "before" it. Never early.
+                if due[0][0] > now:
+                    break
+                heapq.heappop(due)[2].send_next(now)
+        finally:
+            self._sending_due = False
+        if due:
+            self._arm_due(due[0][0])
 
     def _record_unsent(self, name: str, plan: list[Planned], done: int) -> None:
         now = now_us()
