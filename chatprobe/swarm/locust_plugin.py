@@ -49,6 +49,7 @@ from chatprobe.verdict import RunSummary, render_table
 
 log = logging.getLogger("chatprobe.swarm")
 THINK_JITTER_LOW = 0.5  # a think time lasts 0.5-1.5 times the script's think_s
+PLAN_AHEAD_US = 1_000_000  # a customer's rounds are handed to the chat loop this far ahead
 GC_YOUNG_THRESHOLD = 50_000  # Python's default is 700 allocations
 BATCH_MESSAGE = "chatprobe_batch"
 DONE_MESSAGE = "chatprobe_done"
@@ -418,22 +419,31 @@ class ChatCustomer(User):
         share = _opts(self.environment).cp_reconnect_share
         share = script.reconnect_share if share < 0 else share
         customer = self.customer
-        # A new conversation each round, as a returning customer would start.
-        self.round += 1
-        drop_after = self.rng.randrange(len(script.steps)) if self.rng.random() < share else -1
-        plan = []
         # Open model: a round starts when the previous one was planned to end, however late
         # this greenlet runs, so a generator that falls behind shows as late sends.
-        intended = start = self.plan_end_us or now_us()
-        for step in script.steps:
-            # People take more or less time than the script's figure (half to one and a half
-            # of it, the mean kept): customers spawned together do not type in lockstep.
-            think_s = step.think_s * scale * (THINK_JITTER_LOW + self.rng.random())
-            intended += int(think_s * 1_000_000)
-            plan.append((intended, step.kind, script.body(step, self.rng)))
-        # The chat loop paces the round; this greenlet only waits for it to be over.
-        engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after, start)
+        intended = self.plan_end_us or now_us()
+        # Rounds up to PLAN_AHEAD_US ahead go over together: each wake-up of this greenlet
+        # takes the interpreter lock from the chat loop's thread, so fewer is faster.
+        horizon = now_us() + PLAN_AHEAD_US
+        while True:
+            # A new conversation each round, as a returning customer would start.
+            self.round += 1
+            drop_after = (self.rng.randrange(len(script.steps))
+                          if self.rng.random() < share else -1)
+            plan = []
+            start = intended
+            for step in script.steps:
+                # People take more or less time than the script's figure (half to one and
+                # a half of it, the mean kept): customers spawned together do not type in
+                # lockstep.
+                think_s = step.think_s * scale * (THINK_JITTER_LOW + self.rng.random())
+                intended += int(think_s * 1_000_000)
+                plan.append((intended, step.kind, script.body(step, self.rng)))
+            engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after, start)
+            if intended >= horizon or intended <= start:
+                break
         self.plan_end_us = intended
+        # The chat loop paces the rounds; this greenlet only waits for them to be over.
         wait_s = (intended - now_us()) / 1e6
         if wait_s > 0:
             gevent.sleep(wait_s)
