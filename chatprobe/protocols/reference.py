@@ -142,7 +142,10 @@ class _Link(ReconnectingLink):
                     return
                 if self.last_id is None or message_id > self.last_id:
                     self.last_id = message_id
-        elif kind == "error":
+            # No request waits for a message: straight on (the busiest kind of frame).
+            self.on_frame(frame)
+            return
+        if kind == "error":
             code = str(frame.get("code"))
             if code in LOGIN_ERRORS:
                 raise TargetError(LOGIN_ERRORS[code], f"session ended by target: {code}")
