@@ -1,25 +1,33 @@
-"""A WebSocket echo server (aiohttp) on loopback for the plain-locustfile baseline."""
+"""A WebSocket echo server on loopback for the plain-locustfile baseline: picows and uvloop,
+the same as benchmarks/relay_server.py, so the two sides of the ratio have equal servers."""
 
 from __future__ import annotations
 
 import sys
 
-from aiohttp import WSMsgType, web
+import uvloop
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
 
-async def echo(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse()
-    await ws.prepare(request)
-    async for msg in ws:
-        if msg.type == WSMsgType.TEXT:
-            await ws.send_str(msg.data)
-    return ws
+class Echo(WSListener):
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.TEXT:
+            transport.send(WSMsgType.TEXT, frame.get_payload_as_bytes())
+        elif frame.msg_type is WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+
+async def serve(port: int) -> None:
+    def accept(request: WSUpgradeRequest) -> Echo:
+        return Echo()
+
+    server = await ws_create_server(accept, "127.0.0.1", port)
+    await server.serve_forever()
 
 
 def main() -> None:
-    app = web.Application()
-    app.router.add_get("/", echo)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    uvloop.run(serve(int(sys.argv[1])))
 
 
 if __name__ == "__main__":

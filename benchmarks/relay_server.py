@@ -5,13 +5,14 @@ plain locustfile's echo server is not: this relay does what docs/protocol.md say
 takes (hello/welcome, open -> status + opened + assigned, send -> message to the agent + ack,
 reply -> ack + message to the customer, close -> closed, ping -> pong) with no storage, no
 routing rules and no admin API. Conversations go round-robin to the connected agents.
+It runs on picows (WebSocket framing in compiled code) and uvloop, as the echo server of
+the baseline does, so neither side of the ratio is held back by its server.
 
     python benchmarks/relay_server.py PORT
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 import time
@@ -19,15 +20,11 @@ from collections import deque
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+import uvloop
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
 dumps, loads = orjson.dumps, orjson.loads
-
-
-async def send(ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
-    await ws.send_str(dumps(frame).decode())
-
-
+TEXT = WSMsgType.TEXT
 IDS = itertools.count(1)
 REPLAY = 200  # pushed frames kept per session for a client that resumes after a drop
 
@@ -35,9 +32,11 @@ REPLAY = 200  # pushed frames kept per session for a client that resumes after a
 class Session:
     """What the relay keeps of a named customer or agent across its reconnects."""
 
+    __slots__ = ("accepted", "pushed", "ws")
+
     def __init__(self) -> None:
-        self.ws: web.WebSocketResponse | None = None
-        self.pushed: deque[tuple[int, str]] = deque(maxlen=REPLAY)
+        self.ws: WSTransport | None = None
+        self.pushed: deque[tuple[int, bytes]] = deque(maxlen=REPLAY)
         # client_msg_id -> message id: a send resent after a reconnect is acked again, once.
         self.accepted: dict[str, int] = {}
 
@@ -51,13 +50,12 @@ class Session:
             del self.accepted[next(iter(self.accepted))]
         return message_id, True
 
-    async def push(self, message_id: int, frame: dict[str, Any]) -> None:
-        text = dumps(frame).decode()
-        self.pushed.append((message_id, text))
-        if self.ws is not None and not self.ws.closed:
-            # A socket closing under us: the client resumes and gets it replayed.
-            with contextlib.suppress(ConnectionError):
-                await self.ws.send_str(text)
+    def push(self, message_id: int, frame: dict[str, Any]) -> None:
+        data = dumps(frame)
+        self.pushed.append((message_id, data))
+        # Not connected (a mobile drop): the client resumes and gets it replayed.
+        if self.ws is not None:
+            self.ws.send(TEXT, data)
 
 
 class Relay:
@@ -73,104 +71,121 @@ class Relay:
             found = self.sessions[key] = Session()
         return found
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(autoping=True)
-        await ws.prepare(request)
-        me: Session | None = None
-        name = ""
-        try:
-            async for message in ws:
-                if message.type != WSMsgType.TEXT:
-                    continue
-                frame: dict[str, Any] = loads(message.data)
-                kind = frame.get("type")
-                if kind == "send" and me is not None:
-                    await self.relay_send(ws, me, frame, name)
-                elif kind == "reply" and me is not None:
-                    await self.relay_reply(ws, me, frame, name)
-                elif kind == "open":
-                    await self.open(ws, frame, name)
-                elif kind == "close":
-                    self.conversations.pop(frame["conversation"], None)
-                    await send(ws, {"type": "closed", "conversation": frame["conversation"]})
-                elif kind == "ping":
-                    await send(ws, {"type": "pong", "server_time": time.time(),
-                                    "echo": frame.get("echo")})
-                elif kind == "hello":
-                    role = frame["role"]
-                    name = frame.get("agent") or frame.get("customer", "")
-                    me = self.session(f"{role}:{name}")
-                    me.ws = ws
-                    welcome: dict[str, Any] = {"type": "welcome", "role": role,
-                                               "server_time": time.time(), "protocol": 1,
-                                               "client_supported": True, "last_id": 0}
-                    if role == "agent":
-                        welcome["profile"] = {"role": "customer_service", "presence": "online"}
-                        if name not in self.agents:
-                            self.agents.append(name)
-                    await send(ws, welcome)
-                    after = frame.get("resume_after")
-                    if isinstance(after, int):
-                        for message_id, text in list(me.pushed):
-                            if message_id > after:
-                                await ws.send_str(text)
-        finally:
-            if me is not None and me.ws is ws:
-                me.ws = None
-        return ws
 
-    async def open(self, ws: web.WebSocketResponse, frame: dict[str, Any], customer: str) -> None:
+class Connection(WSListener):
+    """One client's WebSocket: frames are handled as they arrive, answers written at once."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.me: Session | None = None
+        self.name = ""
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.me is not None and self.me.ws is transport:
+            self.me.ws = None
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is not TEXT:
+            if frame.msg_type is WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+            return  # pings are answered by picows itself
+        message: dict[str, Any] = loads(frame.get_payload_as_bytes())
+        kind = message.get("type")
+        if kind == "send" and self.me is not None:
+            self.relay_send(transport, self.me, message)
+        elif kind == "reply" and self.me is not None:
+            self.relay_reply(transport, self.me, message)
+        elif kind == "open":
+            self.open(transport, message)
+        elif kind == "close":
+            self.relay.conversations.pop(message["conversation"], None)
+            transport.send(TEXT, dumps({"type": "closed",
+                                        "conversation": message["conversation"]}))
+        elif kind == "ping":
+            transport.send(TEXT, dumps({"type": "pong", "server_time": time.time(),
+                                        "echo": message.get("echo")}))
+        elif kind == "hello":
+            self.hello(transport, message)
+
+    def hello(self, transport: WSTransport, message: dict[str, Any]) -> None:
+        role = message["role"]
+        self.name = message.get("agent") or message.get("customer", "")
+        me = self.me = self.relay.session(f"{role}:{self.name}")
+        me.ws = transport
+        welcome: dict[str, Any] = {"type": "welcome", "role": role, "server_time": time.time(),
+                                   "protocol": 1, "client_supported": True, "last_id": 0}
+        if role == "agent":
+            welcome["profile"] = {"role": "customer_service", "presence": "online"}
+            if self.name not in self.relay.agents:
+                self.relay.agents.append(self.name)
+        transport.send(TEXT, dumps(welcome))
+        after = message.get("resume_after")
+        if isinstance(after, int):
+            for message_id, data in list(me.pushed):
+                if message_id > after:
+                    transport.send(TEXT, data)
+
+    def open(self, transport: WSTransport, message: dict[str, Any]) -> None:
+        relay = self.relay
         conversation = next(IDS)
-        if not self.agents:
-            await send(ws, {"type": "opened", "ref": frame["ref"],
-                            "conversation": conversation, "state": "queued"})
+        if not relay.agents:
+            transport.send(TEXT, dumps({"type": "opened", "ref": message["ref"],
+                                        "conversation": conversation, "state": "queued"}))
             return
-        agent = self.agents[self.next_agent % len(self.agents)]
-        self.next_agent += 1
-        self.conversations[conversation] = (customer, agent)
-        channel = frame.get("channel", "web")
-        await send(ws, {"type": "status", "conversation": conversation,
-                        "state": "assigned", "agent": agent})
-        await send(ws, {"type": "opened", "ref": frame["ref"], "conversation": conversation,
-                        "state": "assigned", "agent": agent, "channel": channel})
-        agent_ws = self.session(f"agent:{agent}").ws
+        agent = relay.agents[relay.next_agent % len(relay.agents)]
+        relay.next_agent += 1
+        relay.conversations[conversation] = (self.name, agent)
+        channel = message.get("channel", "web")
+        transport.send(TEXT, dumps({"type": "status", "conversation": conversation,
+                                    "state": "assigned", "agent": agent}))
+        transport.send(TEXT, dumps({"type": "opened", "ref": message["ref"],
+                                    "conversation": conversation, "state": "assigned",
+                                    "agent": agent, "channel": channel}))
+        agent_ws = relay.session(f"agent:{agent}").ws
         if agent_ws is not None:
-            with contextlib.suppress(ConnectionError):
-                await send(agent_ws, {"type": "assigned", "conversation": conversation,
-                                      "customer": customer, "channel": channel})
+            agent_ws.send(TEXT, dumps({"type": "assigned", "conversation": conversation,
+                                       "customer": self.name, "channel": channel}))
 
-    async def relay_send(self, ws: web.WebSocketResponse, me: Session, frame: dict[str, Any],
-                         customer: str) -> None:
-        conversation = frame["conversation"]
-        message_id, new = me.accept(frame["client_msg_id"])
+    def relay_send(self, transport: WSTransport, me: Session, message: dict[str, Any]) -> None:
+        conversation = message["conversation"]
+        client_msg_id = message["client_msg_id"]
+        message_id, new = me.accept(client_msg_id)
         now = time.time()
-        route = self.conversations.get(conversation)
+        route = self.relay.conversations.get(conversation)
         if route is not None and new:
-            await self.session(f"agent:{route[1]}").push(message_id, {
+            self.relay.session(f"agent:{route[1]}").push(message_id, {
                 "type": "message", "id": message_id, "conversation": conversation,
-                "customer": customer, "text": frame["text"], "ts": now})
-        await send(ws, {"type": "ack", "client_msg_id": frame["client_msg_id"],
-                        "id": message_id, "conversation": conversation, "ts": now})
+                "customer": self.name, "text": message["text"], "ts": now})
+        transport.send(TEXT, dumps({"type": "ack", "client_msg_id": client_msg_id,
+                                    "id": message_id, "conversation": conversation, "ts": now}))
 
-    async def relay_reply(self, ws: web.WebSocketResponse, me: Session, frame: dict[str, Any],
-                          agent: str) -> None:
-        conversation = frame["conversation"]
-        message_id, new = me.accept(frame["client_msg_id"])
+    def relay_reply(self, transport: WSTransport, me: Session, message: dict[str, Any]) -> None:
+        conversation = message["conversation"]
+        client_msg_id = message["client_msg_id"]
+        message_id, new = me.accept(client_msg_id)
         now = time.time()
-        await send(ws, {"type": "ack", "client_msg_id": frame["client_msg_id"],
-                        "id": message_id, "conversation": conversation, "ts": now})
-        route = self.conversations.get(conversation)
+        transport.send(TEXT, dumps({"type": "ack", "client_msg_id": client_msg_id,
+                                    "id": message_id, "conversation": conversation, "ts": now}))
+        route = self.relay.conversations.get(conversation)
         if route is not None and new:
-            await self.session(f"customer:{route[0]}").push(message_id, {
+            self.relay.session(f"customer:{route[0]}").push(message_id, {
                 "type": "message", "id": message_id, "conversation": conversation,
-                "from": "agent", "agent": agent, "text": frame["text"], "ts": now})
+                "from": "agent", "agent": self.name, "text": message["text"], "ts": now})
+
+
+async def serve(port: int) -> None:
+    relay = Relay()
+
+    def accept(request: WSUpgradeRequest) -> Connection:
+        return Connection(relay)
+
+    server = await ws_create_server(accept, "127.0.0.1", port)
+    await server.serve_forever()
 
 
 def main() -> None:
-    relay = Relay()
-    app = web.Application()
-    app.router.add_get("/ws", relay.handle)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    uvloop.run(serve(int(sys.argv[1])))
 
 
 if __name__ == "__main__":
