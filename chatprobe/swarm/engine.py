@@ -618,8 +618,9 @@ class WorkerEngine:
         # message is due. A message thus leaves up to ~1 ms after its plan; that delay is
         # the generator's, measured (latency counts from the plan) and far below LATE_SEND_US.
         self._due_timer_at = at_us
+        wait_ms = -(-(at_us - now_us()) // 1000)
         self._due_timer = asyncio.get_running_loop().call_later(
-            max(0, at_us - now_us()) / 1e6, self._send_due)
+            max(0, wait_ms) / 1000, self._send_due)
 
     def _send_due(self) -> None:
         self._due_timer = None
