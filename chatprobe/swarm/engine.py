@@ -181,9 +181,9 @@ class _Customer:
 class EngineOutput:
     """What the loop thread and the users produced since the last flush."""
 
-    sends: deque[list[Any]] = field(default_factory=deque)
-    acks: deque[list[Any]] = field(default_factory=deque)
-    receipts: deque[list[Any]] = field(default_factory=deque)
+    sends: deque[tuple[Any, ...]] = field(default_factory=deque)
+    acks: deque[tuple[Any, ...]] = field(default_factory=deque)
+    receipts: deque[tuple[Any, ...]] = field(default_factory=deque)
     events: deque[str] = field(default_factory=deque)
     forged: int = 0  # cumulative counters, written by the loop thread only
     foreign: int = 0
@@ -232,7 +232,7 @@ class _Round:
         if lag > out.send_lag_max_us:
             out.send_lag_max_us = lag
         seq = self.index + 1
-        out.sends.append([name, name, seq, intended_us, sent, kind])
+        out.sends.append((name, name, seq, intended_us, sent, kind))
         self.done = seq
         conversation = self.conversation
         try:
@@ -430,7 +430,7 @@ class WorkerEngine:
             elif not stamp.valid:
                 self.out.forged += 1
             else:
-                receipts.append([stamp.conversation, stamp.seq, agent_id, received])
+                receipts.append((stamp.conversation, stamp.seq, agent_id, received))
                 if server_id is not None:
                     self._maybe_reply(agent_id, stamp.conversation, stamp.seq, server_id,
                                       received)
@@ -452,8 +452,8 @@ class WorkerEngine:
         sender = agent_id.replace(":", "_").replace("]", "_")
         text = self.codec.stamp_text(AGENT_REPLIES[seq % len(AGENT_REPLIES)], sender,
                                      reply_conversation, seq, received_us)
-        self.out.sends.append([sender, reply_conversation, seq, received_us, now_us(),
-                               f"reply:{step.kind}"])
+        self.out.sends.append((sender, reply_conversation, seq, received_us, now_us(),
+                               f"reply:{step.kind}"))
 
         client_msg_id = f"{self.codec.run}-r-{conversation}-{seq}"
         try:
@@ -507,7 +507,7 @@ class WorkerEngine:
             conversation = conversations.get(stamp.conversation[:-len(REPLY_SUFFIX)])
             if conversation is None:
                 return
-            receipts.append([stamp.conversation, stamp.seq, receiver, received])
+            receipts.append((stamp.conversation, stamp.seq, receiver, received))
             conversation.awaiting_replies.discard(stamp.seq)
             if not conversation.awaiting_replies:
                 conversation.replies_done.set()
@@ -642,7 +642,7 @@ class WorkerEngine:
     def _record_unsent(self, name: str, plan: list[Planned], done: int) -> None:
         now = now_us()
         for seq, (intended_us, kind, _) in enumerate(plan[done:], start=done + 1):
-            self.out.sends.append([name, name, seq, intended_us, now, kind])
+            self.out.sends.append((name, name, seq, intended_us, now, kind))
 
     async def _close_when_answered(self, session: CustomerSession, customer: _Customer,
                                    name: str, conversation: _Conversation) -> None:
@@ -677,7 +677,7 @@ class WorkerEngine:
             if exception is not None:
                 self.out.events.append(f"{who}: message refused: {exception}")
             else:
-                acks.append([conversation, seq, now_us(), future.result().server_id])
+                acks.append((conversation, seq, now_us(), future.result().server_id))
         return record
 
     def _stop_in_loop(self) -> None:
