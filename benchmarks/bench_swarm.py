@@ -1,7 +1,7 @@
 """Benchmark (not a test): what one swarm worker process sustains, against a hand-written
 locustfile, and how many idle customers one worker holds. Run in one go on this machine:
 
-    .venv/bin/python benchmarks/bench_swarm.py [--seconds 15] [--idle 10000]
+    .venv/bin/python benchmarks/bench_swarm.py [--seconds 15] [--ramp 5] [--idle 10000]
 
 (a) stamped messages/s one worker sustains with every message confirmed by a probe agent
     (chatprobe swarm, 1 worker process plus its master, the shopper script: open, 5 messages,
@@ -13,6 +13,9 @@ locustfile, and how many idle customers one worker holds. Run in one go on this 
 (b) round trips/s of a plain locustfile (websocket-client, send and wait for the echo) with
     the same number of users, and the ratio (a)/(b);
 (c) concurrent idle customers one worker holds, and memory per customer.
+Both (a) and (b) start their users over --ramp seconds, as a promotion shape does, and count
+rates over the --seconds that follow, once every user runs (the ramp's own traffic is in
+neither rate, but a generator that fell behind during it still makes (a)'s run invalid).
 Everything runs on loopback and shares this machine's cores; each line says how busy the
 generator and its server were, so the reader sees which one was the bottleneck.
 """
@@ -107,12 +110,12 @@ def locust_processes(started_after: float) -> dict[str, psutil.Process]:
 
 
 def swarm_level(url: str, server: subprocess.Popen[str], users: int, think_scale: float,
-                seconds: float) -> dict[str, Any]:
+                seconds: float, ramp_s: float) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as folder:
         shape = Path(folder) / "flat.yaml"
-        shape.write_text(f"stages:\n  - {{duration: {seconds}, users: {users}, "
-                         f"spawn_rate: {users}}}\n")
+        shape.write_text(f"stages:\n  - {{duration: {ramp_s + seconds}, users: {users}, "
+                         f"spawn_rate: {users / ramp_s:g}}}\n")
         # One worker process with the master beside it, as a distributed swarm runs: the
         # worker generates and confirms; the master keeps the ledger and Locust's stats.
         options = SwarmOptions(target=url, shape=str(shape), think_scale=think_scale,
@@ -120,7 +123,7 @@ def swarm_level(url: str, server: subprocess.Popen[str], users: int, think_scale
         started = time.time()
         runner = threading.Thread(target=lambda: result.setdefault("doc", run_swarm(options)))
         runner.start()
-        time.sleep(min(5.0, seconds / 3))  # past the spawn, into the steady part
+        time.sleep(ramp_s + min(5.0, seconds / 3))  # past the ramp, into the steady part
         watch = {"server": psutil.Process(server.pid), **locust_processes(started)}
         shares = cpu_shares(watch, min(5.0, seconds / 3))
         runner.join()
@@ -137,13 +140,13 @@ def describe_cpu(shares: dict[str, float]) -> str:
     return ", ".join(f"{name} {share:.0f} %" for name, share in shares.items())
 
 
-def bench_a(seconds: float, target: str) -> tuple[float, int]:
+def bench_a(seconds: float, ramp_s: float, target: str) -> tuple[float, int]:
     proc, url = start_relay() if target == "relay" else start_service()
     best, best_users = 0.0, 0
 
     def level_valid(users: int) -> bool:
         nonlocal best, best_users
-        level = swarm_level(url, proc, users, 0.01, seconds)
+        level = swarm_level(url, proc, users, 0.01, seconds, ramp_s)
         print(f"  (a) {users:>4} users: {level['delivered_per_s']:>8.0f} delivered/s, "
               f"valid={level['valid']}, lost={level['lost']}, p99={level['p99_ms']} ms; "
               f"CPU of one core: {describe_cpu(level['cpu'])}", flush=True)
@@ -179,7 +182,20 @@ def bench_a(seconds: float, target: str) -> tuple[float, int]:
     return best, best_users
 
 
-def bench_b(users: int, seconds: float) -> tuple[float, dict[str, float]]:
+def steady_round_trips(history_csv: str, users: int) -> float:
+    """Round trips/s once every user runs: from Locust's per-second history (its Aggregated
+    Requests/s counts the ramp in), the first two full seconds left out as (a) does."""
+    with open(history_csv, newline="") as handle:
+        rows = [(int(row["Timestamp"]), int(row["Total Request Count"]))
+                for row in csv.DictReader(handle)
+                if row["Name"] == "Aggregated" and row["User Count"] == str(users)]
+    rows = rows[2:]
+    if len(rows) < 2 or rows[-1][0] == rows[0][0]:
+        raise SystemExit("the plain locustfile ran too briefly at full strength to measure")
+    return (rows[-1][1] - rows[0][1]) / (rows[-1][0] - rows[0][0])
+
+
+def bench_b(users: int, seconds: float, ramp_s: float) -> tuple[float, dict[str, float]]:
     port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "echo_server.py"),
                                str(port)])
@@ -190,19 +206,17 @@ def bench_b(users: int, seconds: float) -> tuple[float, dict[str, float]]:
             locust = subprocess.Popen([sys.executable, "-m", "locust", "-f",
                                        str(ROOT / "benchmarks" / "plain_echo_locustfile.py"),
                                        "--headless", "--host", f"ws://127.0.0.1:{port}/",
-                                       "-u", str(users), "-r", str(users), "-t",
-                                       f"{int(seconds)}s", "--csv", str(prefix),
+                                       "-u", str(users), "-r", f"{users / ramp_s:g}", "-t",
+                                       f"{int(ramp_s + seconds)}s", "--csv", str(prefix),
                                        "--only-summary", "--loglevel", "ERROR"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       cwd=ROOT)
-            time.sleep(min(5.0, seconds / 3))
+            time.sleep(ramp_s + min(5.0, seconds / 3))
             shares = cpu_shares({"server": psutil.Process(server.pid),
                                  "locust": psutil.Process(locust.pid)}, min(5.0, seconds / 3))
             if locust.wait() != 0:
                 raise SystemExit(f"the plain locustfile failed (exit {locust.returncode})")
-            with open(f"{prefix}_stats.csv", newline="") as handle:
-                rows = {row["Name"]: row for row in csv.DictReader(handle)}
-            return float(rows["Aggregated"]["Requests/s"]), shares
+            return steady_round_trips(f"{prefix}_stats_history.csv", users), shares
     finally:
         server.terminate()
         server.wait()
@@ -235,16 +249,21 @@ def bench_c(count: int) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--seconds", type=float, default=15.0,
+                        help="how long each level runs once all its users run")
+    parser.add_argument("--ramp", type=float, default=5.0,
+                        help="seconds over which each level starts its users")
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--target", choices=("relay", "service"), default="relay",
                         help="what (a) runs against: the lean relay or the reference service")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; servers, generator and Locust share them")
-    best, users = bench_a(args.seconds, args.target)
+    if args.seconds < 6 or args.ramp <= 0:
+        raise SystemExit("bench_swarm: --seconds must be at least 6 and --ramp above 0")
+    best, users = bench_a(args.seconds, args.ramp, args.target)
     print(f"(a) chatprobe swarm, 1 worker ({args.target}): {best:,.0f} stamped messages/s "
           f"sustained, every one confirmed by a probe agent ({users} users)")
-    echo, shares = bench_b(users or 100, args.seconds)
+    echo, shares = bench_b(users or 100, args.seconds, args.ramp)
     print(f"(b) plain locustfile (websocket-client echo), {users or 100} users: "
           f"{echo:,.0f} round trips/s; CPU of one core: {describe_cpu(shares)}")
     print(f"    ratio (a)/(b) = {best / echo:.2f}  (target >= 1.0; aim 2.0)")
