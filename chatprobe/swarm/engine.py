@@ -1,9 +1,10 @@
 """The worker engine: one asyncio (uvloop) thread per process holding every chat connection.
 
 Locust runs users as gevent greenlets; chatprobe's adapters are asyncio. Greenlets never wait
-on the loop: each hands over a whole round of its script (planned times and bodies) with
-``call_soon_threadsafe``, and the loop stamps and sends each message at its planned time, so
-no message crosses the two threads on its own. The loop thread hands back what it saw
+on the loop: each hands over whole rounds of its script (planned times and bodies, up to a
+second ahead) through a deque and one ``call_soon_threadsafe`` per burst, and the loop's send
+clock (one heap, one timer) stamps and sends each message at its planned time, so no message
+crosses the two threads on its own. The loop thread hands back what it saw
 through deques (atomic appends, no locks shared across the two schedulers, which gevent does
 not support, gevent issue #1739). A flusher greenlet drains the deques into batches for the
 master's collector.
@@ -222,6 +223,13 @@ class _Round:
         if self.customer.leaving:
             finished.set_result(None)  # the user was stopped: the rest never happens
             return
+        try:
+            self._send(sent)
+        except Exception as exc:  # the round's coroutine raises it; the clock goes on
+            if not finished.done():
+                finished.set_exception(exc)
+
+    def _send(self, sent: int) -> None:
         engine, name = self.engine, self.name
         out, codec, script = engine.out, engine.codec, engine.script
         intended_us, kind, body = self.plan[self.index]
@@ -235,18 +243,14 @@ class _Round:
         out.sends.append((name, name, seq, intended_us, sent, kind))
         self.done = seq
         conversation = self.conversation
-        try:
-            text = codec.stamp_text(body, name, name, seq, intended_us)
-            step = script.step_for_seq(seq) if script is not None else None
-            if step is not None and step.expects_reply:
-                conversation.awaiting_replies.add(seq)
-                conversation.replies_done.clear()
-            # The ack arrives later; not waiting for it keeps the open-model pace.
-            client_msg_id = f"{codec.run}-{name}-{seq}"
-            ack = self.session.send_soon(conversation.id, client_msg_id, text)
-        except Exception as exc:  # the round's coroutine raises it
-            finished.set_exception(exc)
-            return
+        text = codec.stamp_text(body, name, name, seq, intended_us)
+        step = script.step_for_seq(seq) if script is not None else None
+        if step is not None and step.expects_reply:
+            conversation.awaiting_replies.add(seq)
+            conversation.replies_done.clear()
+        # The ack arrives later; not waiting for it keeps the open-model pace.
+        client_msg_id = f"{codec.run}-{name}-{seq}"
+        ack = self.session.send_soon(conversation.id, client_msg_id, text)
         if ack is None:  # an adapter whose send waits
             engine._spawn(self._send_waiting(client_msg_id, text, seq))
             return
@@ -254,15 +258,16 @@ class _Round:
         self._sent()
 
     async def _send_waiting(self, client_msg_id: str, text: str, seq: int) -> None:
+        finished = self.finished
         try:
             ack = await self.session.send(self.conversation.id, client_msg_id, text)
+            ack.add_done_callback(self.engine._ack_recorder(self.customer.name, self.name,
+                                                            seq))
+            if not finished.done():
+                self._sent()
         except Exception as exc:
-            if not self.finished.done():
-                self.finished.set_exception(exc)
-            return
-        ack.add_done_callback(self.engine._ack_recorder(self.customer.name, self.name, seq))
-        if not self.finished.done():
-            self._sent()
+            if not finished.done():
+                finished.set_exception(exc)
 
     def _sent(self) -> None:
         if self.index == self.drop_after and self.session.drop_connection():
@@ -270,7 +275,7 @@ class _Round:
         self.index += 1
         if self.index < len(self.plan):
             self.engine._schedule(self.plan[self.index][0], self)
-        else:
+        elif not self.finished.done():
             self.finished.set_result(None)
 
 
@@ -542,31 +547,60 @@ class WorkerEngine:
         task.add_done_callback(self._tasks.discard)
 
     async def _run_customer(self, customer: _Customer) -> None:
-        """Connect once, play the rounds handed over, leave when the user goes."""
+        """Connect once, play the rounds handed over, leave when the user goes. A connection
+        the target kills for good loses the round in play and those whose time has come;
+        rounds planned for later (users hand them over ahead) get a new connection then."""
         assert self.adapter is not None
         session: CustomerSession | None = None
         customer.connecting_since_us = now_us()
         try:
-            session = await self.adapter.connect_customer(
-                f"swarm-{self.codec.run}-{customer.name}", self._customer_receiver(customer),
-                self._event(customer.name))
-            while (item := await customer.rounds.get()) is not None:
-                await self._play(session, customer, *item)
-            # Leaving: the open conversations wait for their answers side by side.
-            await asyncio.gather(*(self._close_when_answered(session, customer, name, c)
-                                   for name, c in list(customer.conversations.items())))
-        except TargetError as exc:
-            # Unsent messages stay unmatched: the ledger calls them lost at their deadline,
-            # also those of rounds still waiting for this connection.
-            self.out.events.append(f"{customer.name} dead: {exc}")
-            while not customer.rounds.empty():
-                if (item := customer.rounds.get_nowait()) is not None:
-                    self._record_unsent(f"{self.worker}{item[0]}", item[1], 0)
+            while True:
+                try:
+                    session = await self.adapter.connect_customer(
+                        f"swarm-{self.codec.run}-{customer.name}",
+                        self._customer_receiver(customer), self._event(customer.name))
+                    while (item := await customer.rounds.get()) is not None:
+                        await self._play(session, customer, *item)
+                    # Leaving: the open conversations wait for their answers side by side.
+                    await asyncio.gather(*(self._close_when_answered(session, customer, name, c)
+                                           for name, c in list(customer.conversations.items())))
+                    return
+                except TargetError as exc:
+                    self.out.events.append(f"{customer.name} dead: {exc}")
+                    if session is not None:
+                        with contextlib.suppress(Exception):
+                            await session.close()
+                        session = None
+                    next_start_us = self._drop_due_rounds(customer)
+                    if next_start_us is None:
+                        return
+                    await asyncio.sleep(max(0, next_start_us - now_us()) / 1e6)
+                    if customer.leaving:
+                        return
+                    customer.connecting_since_us = now_us()
         finally:
             self.customers.pop(customer.name, None)
             if session is not None:
                 with contextlib.suppress(Exception):
                     await session.close()
+
+    def _drop_due_rounds(self, customer: _Customer) -> int | None:
+        """After the connection died: the queued rounds whose time has come are recorded as
+        sent (the ledger calls their messages lost at their deadline); later ones stay
+        queued. Returns the start of the first of those, None when none or leaving."""
+        now = now_us()
+        later: list[tuple[str, list[Planned], int, int]] = []
+        while not customer.rounds.empty():
+            item = customer.rounds.get_nowait()
+            if item is None or customer.leaving:
+                return None  # the user went: its rounds never happen
+            if item[3] <= now:
+                self._record_unsent(f"{self.worker}{item[0]}", item[1], 0)
+            else:
+                later.append(item)
+        for item in later:
+            customer.rounds.put_nowait(item)
+        return later[0][3] if later else None
 
     async def _play(self, session: CustomerSession, customer: _Customer, round_name: str,
                     plan: list[Planned], drop_after: int, start_us: int) -> None:
@@ -636,8 +670,8 @@ class WorkerEngine:
                 heapq.heappop(due)[2].send_next(now)
         finally:
             self._sending_due = False
-        if due:
-            self._arm_due(due[0][0])
+            if due:
+                self._arm_due(due[0][0])
 
     def _record_unsent(self, name: str, plan: list[Planned], done: int) -> None:
         now = now_us()

@@ -1,0 +1,131 @@
+"""The swarm's chat loop (chatprobe/swarm/engine.py) against the reference service, without
+Locust: its send clock keeps each customer's messages in order and never early, a customer
+that leaves sends none of what it had queued, and rounds planned after a refused connection
+get a new connection at their time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from chatprobe.stamp import StampCodec
+from chatprobe.swarm.engine import LOOP_THREAD_LOGGERS, Planned, WorkerEngine, now_us
+from chatprobe.swarm.scripts import load_script
+from tests.conftest import ServiceProcess, scaled
+
+Batches = dict[str, list[Any]]
+
+
+@pytest.fixture
+def engines() -> Iterator[list[WorkerEngine]]:
+    # The loop thread takes over these loggers (as in a Locust worker); give them back.
+    loggers = [logging.getLogger(name) for name in LOOP_THREAD_LOGGERS]
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]
+    started: list[WorkerEngine] = []
+    yield started
+    deadline = time.monotonic() + scaled(10)
+    for engine in started:
+        # Customers leave and close their connections (the service then stops at once),
+        # then the loop ends.
+        for key in list(engine.customers):
+            engine.leave(key.removeprefix(engine.worker))
+        while engine.customers:
+            assert time.monotonic() < deadline, f"customers still open: {engine.customers}"
+            time.sleep(0.02)
+        engine.stop()
+    for logger, (handlers, propagate) in zip(loggers, saved, strict=True):
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+def start_engine(engines: list[WorkerEngine], service: ServiceProcess,
+                 **config: Any) -> WorkerEngine:
+    # No probe agents: the service accepts and acks sends to a queued conversation.
+    # A short deadline: no agent answers, and a leaving customer waits that long for them.
+    engine = WorkerEngine(service.base_url, service.target_config(deadline_ms=300.0, **config),
+                          StampCodec.new_run(), "w0", run_agents=False,
+                          script=load_script("shopper"))
+    engines.append(engine)
+    engine.start(time.sleep)
+    return engine
+
+
+def collect(engine: WorkerEngine, seen: Batches, done: Callable[[Batches], bool],
+            what: str) -> Batches:
+    """Take the engine's batches until ``done`` holds (bounded)."""
+    deadline = time.monotonic() + scaled(20)
+    while not done(seen):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} in time: {seen} {list(engine.out.events)}")
+        batch = engine.take_batch(None)
+        for key in ("sends", "acks", "receipts"):
+            seen.setdefault(key, []).extend(batch[key])
+        time.sleep(0.02)  # polling interval of a bounded wait, not a synchronisation
+    return seen
+
+
+def plan(start_us: int, count: int, gap_us: int, label: str) -> list[Planned]:
+    return [(start_us + i * gap_us, "greeting", f"{label} message {i + 1}")
+            for i in range(count)]
+
+
+def sends_of(seen: Batches, round_name: str) -> list[tuple[Any, ...]]:
+    return [tuple(record) for record in seen.get("sends", []) if record[1] == round_name]
+
+
+def test_each_customers_messages_leave_in_order_and_never_before_their_plan(
+        reference_service: ServiceProcess, engines: list[WorkerEngine]) -> None:
+    engine = start_engine(engines, reference_service)
+    start = now_us() + 100_000
+    # Three customers whose messages interleave on the one clock, 1-3 ms apart.
+    for number in range(3):
+        engine.play_round(f"c{number}", f"c{number}-1",
+                          plan(start + number * 1_000, 8, 3_000, f"c{number}"))
+    seen = collect(engine, {}, lambda s: len(s.get("acks", ())) == 24, "24 acks")
+    for number in range(3):
+        records = sends_of(seen, f"w0c{number}-1")
+        assert [record[2] for record in records] == list(range(1, 9))
+        sent_times = [record[4] for record in records]
+        assert sent_times == sorted(sent_times)
+        assert all(sent >= intended for _, _, _, intended, sent, _ in records)
+    assert sorted((conversation, seq) for conversation, seq, _, _ in seen["acks"]) == sorted(
+        (f"w0c{number}-1", seq) for number in range(3) for seq in range(1, 9))
+
+
+def test_a_customer_that_leaves_sends_none_of_its_queued_rounds(
+        reference_service: ServiceProcess, engines: list[WorkerEngine]) -> None:
+    engine = start_engine(engines, reference_service)
+    start = now_us() + 100_000
+    engine.play_round("leaver", "leaver-1", plan(start, 3, 5_000, "first"))
+    engine.play_round("leaver", "leaver-2", plan(start + 2_000_000, 3, 5_000, "second"))
+    seen = collect(engine, {}, lambda s: len(sends_of(s, "w0leaver-1")) == 3, "first round")
+    engine.leave("leaver")
+    # A customer planned after the leaver's second round: once its message is sent, the
+    # clock has passed every message of that round.
+    engine.play_round("marker", "marker-1", plan(start + 2_200_000, 1, 0, "marker"))
+    collect(engine, seen, lambda s: len(sends_of(s, "w0marker-1")) == 1, "marker")
+    assert sends_of(seen, "w0leaver-2") == []
+
+
+def test_rounds_planned_after_a_refused_connection_get_a_new_one_at_their_time(
+        reference_service: ServiceProcess, engines: list[WorkerEngine]) -> None:
+    # The shop does not exist yet: the customer's login is refused.
+    engine = start_engine(engines, reference_service, shop="popup")
+    start = now_us() + 100_000
+    later = start + int(scaled(3) * 1_000_000)
+    engine.play_round("early", "early-1", plan(start, 3, 5_000, "refused"))
+    engine.play_round("early", "early-2", plan(later, 3, 5_000, "accepted"))
+    seen = collect(engine, {}, lambda s: len(sends_of(s, "w0early-1")) == 3,
+                   "the refused round's records")
+    assert any("early dead" in event for event in engine.out.events), engine.out.events
+    # Recorded as sent (the customer tried), so the ledger calls them lost at the deadline.
+    assert now_us() < later, "the machine is too slow for this test's margin"
+    reference_service.ok("PUT", "/admin/shops/popup", {"name": "Popup"})
+    collect(engine, seen, lambda s: sum(1 for conversation, *_ in s.get("acks", ())
+                                        if conversation == "w0early-2") == 3,
+            "acks of the round planned after the refusal")
+    assert [conversation for conversation, *_ in seen["acks"]].count("w0early-1") == 0
+    assert all(sent >= intended for *_, intended, sent, _ in sends_of(seen, "w0early-2"))
