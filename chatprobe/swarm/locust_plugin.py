@@ -49,7 +49,8 @@ from chatprobe.verdict import RunSummary, render_table
 
 log = logging.getLogger("chatprobe.swarm")
 THINK_JITTER_LOW = 0.5  # a think time lasts 0.5-1.5 times the script's think_s
-PLAN_AHEAD_US = 1_000_000  # a customer's rounds are handed to the chat loop this far ahead
+PLAN_AHEAD_US = 1_000_000  # rounds starting up to this far ahead go to the chat loop at once
+PLAN_AHEAD_ROUNDS = 50  # ... but no more (tiny think times: one burst, not thousands)
 GC_YOUNG_THRESHOLD = 50_000  # Python's default is 700 allocations
 BATCH_MESSAGE = "chatprobe_batch"
 DONE_MESSAGE = "chatprobe_done"
@@ -425,7 +426,7 @@ class ChatCustomer(User):
         # Rounds up to PLAN_AHEAD_US ahead go over together: each wake-up of this greenlet
         # takes the interpreter lock from the chat loop's thread, so fewer is faster.
         horizon = now_us() + PLAN_AHEAD_US
-        while True:
+        for _ in range(PLAN_AHEAD_ROUNDS):
             # A new conversation each round, as a returning customer would start.
             self.round += 1
             drop_after = (self.rng.randrange(len(script.steps))
