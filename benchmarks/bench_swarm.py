@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import math
 import os
 import socket
 import subprocess
@@ -183,16 +184,17 @@ def bench_a(seconds: float, ramp_s: float, target: str) -> tuple[float, int]:
 
 
 def steady_round_trips(history_csv: str, users: int) -> float:
-    """Round trips/s once every user runs: from Locust's per-second history (its Aggregated
-    Requests/s counts the ramp in), the first two full seconds left out as (a) does."""
+    """Round trips/s once every user runs, from Locust's history (its Aggregated Requests/s
+    counts the ramp in): one row a second, the first two and the last left out as (a) leaves
+    out its first and last bins. The rows' timestamps are whole seconds, so the span is
+    taken as one second per row rather than their difference (off by up to a second)."""
     with open(history_csv, newline="") as handle:
-        rows = [(int(row["Timestamp"]), int(row["Total Request Count"]))
-                for row in csv.DictReader(handle)
-                if row["Name"] == "Aggregated" and row["User Count"] == str(users)]
-    rows = rows[2:]
-    if len(rows) < 2 or rows[-1][0] == rows[0][0]:
+        counts = [int(row["Total Request Count"]) for row in csv.DictReader(handle)
+                  if row["Name"] == "Aggregated" and row["User Count"] == str(users)]
+    counts = counts[2:-1]
+    if len(counts) < 2:
         raise SystemExit("the plain locustfile ran too briefly at full strength to measure")
-    return (rows[-1][1] - rows[0][1]) / (rows[-1][0] - rows[0][0])
+    return (counts[-1] - counts[0]) / (len(counts) - 1)
 
 
 def bench_b(users: int, seconds: float, ramp_s: float) -> tuple[float, dict[str, float]]:
@@ -207,7 +209,7 @@ def bench_b(users: int, seconds: float, ramp_s: float) -> tuple[float, dict[str,
                                        str(ROOT / "benchmarks" / "plain_echo_locustfile.py"),
                                        "--headless", "--host", f"ws://127.0.0.1:{port}/",
                                        "-u", str(users), "-r", f"{users / ramp_s:g}", "-t",
-                                       f"{int(ramp_s + seconds)}s", "--csv", str(prefix),
+                                       f"{math.ceil(ramp_s + seconds)}s", "--csv", str(prefix),
                                        "--only-summary", "--loglevel", "ERROR"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       cwd=ROOT)

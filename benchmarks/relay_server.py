@@ -163,12 +163,19 @@ class Connection(WSListener):
     def relay_reply(self, transport: WSTransport, me: Session, message: dict[str, Any]) -> None:
         conversation = message["conversation"]
         client_msg_id = message["client_msg_id"]
+        route = self.relay.conversations.get(conversation)
+        if route is None or route[1] != self.name:
+            # As the service answers a reply to a closed or someone else's conversation: a
+            # harness that replies there must see it here too, not a silent ack.
+            transport.send(TEXT, dumps({"type": "error", "code": "not_your_conversation",
+                                        "message": "not your conversation",
+                                        "client_msg_id": client_msg_id}))
+            return
         message_id, new = me.accept(client_msg_id)
         now = time.time()
         transport.send(TEXT, dumps({"type": "ack", "client_msg_id": client_msg_id,
                                     "id": message_id, "conversation": conversation, "ts": now}))
-        route = self.relay.conversations.get(conversation)
-        if route is not None and new:
+        if new:
             self.relay.session(f"customer:{route[0]}").push(message_id, {
                 "type": "message", "id": message_id, "conversation": conversation,
                 "from": "agent", "agent": self.name, "text": message["text"], "ts": now})
