@@ -129,3 +129,21 @@ def test_rounds_planned_after_a_refused_connection_get_a_new_one_at_their_time(
             "acks of the round planned after the refusal")
     assert [conversation for conversation, *_ in seen["acks"]].count("w0early-1") == 0
     assert all(sent >= intended for *_, intended, sent, _ in sends_of(seen, "w0early-2"))
+
+
+def test_a_customer_that_leaves_mid_round_closes_at_once_not_at_its_next_message(
+        reference_service: ServiceProcess, engines: list[WorkerEngine]) -> None:
+    engine = start_engine(engines, reference_service)
+    start = now_us() + 100_000
+    next_message = start + int(scaled(10) * 1_000_000)  # a long think before message 2
+    engine.play_round("slow", "slow-1", [(start, "greeting", "hello"),
+                                         (next_message, "product_question", "is it in stock?")])
+    seen = collect(engine, {}, lambda s: len(sends_of(s, "w0slow-1")) == 1, "first message")
+    engine.leave("slow")
+    deadline = time.monotonic() + scaled(5)
+    while "w0slow" in engine.customers:
+        assert time.monotonic() < deadline, "the leaving customer kept its connection"
+        time.sleep(0.02)  # polling interval of a bounded wait
+    assert now_us() < next_message
+    seen["sends"].extend(engine.take_batch(None)["sends"])  # anything sent before it left
+    assert len(sends_of(seen, "w0slow-1")) == 1

@@ -176,6 +176,7 @@ class _Customer:
     # Set while the first round waits for the connection (handshake, login): the target's
     # time, like the open's.
     connecting_since_us: int | None = None
+    playing: _Round | None = None  # the round whose messages are on the send clock
 
 
 @dataclass
@@ -538,7 +539,12 @@ class WorkerEngine:
                 customer = self.customers[name] = _Customer(name)
                 self._spawn(self._run_customer(customer))
             if item is None:
-                customer.leaving = True  # stops a round in progress at its next message
+                # The round in play ends now: its next message may be a long think away, and
+                # a user the shape took must not keep its connection open until then.
+                customer.leaving = True
+                playing = customer.playing
+                if playing is not None and not playing.finished.done():
+                    playing.finished.set_result(None)
             customer.rounds.put_nowait(item)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -627,7 +633,11 @@ class WorkerEngine:
                 playing = _Round(self, session, customer, name, plan, drop_after,
                                  start_us + now_us() - asked_us, conversation)
                 self._schedule(plan[0][0], playing)
-                await playing.finished
+                customer.playing = playing
+                try:
+                    await playing.finished
+                finally:
+                    customer.playing = None
             self._spawn(self._close_when_answered(session, customer, name, conversation))
         except TargetError:
             self._record_unsent(name, plan, playing.done if playing is not None else 0)
