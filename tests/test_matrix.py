@@ -36,7 +36,9 @@ def probe(server: SynapseServer, messages: int, customers: int, rate: float,
 
 
 def test_stamped_messages_through_synapse_all_delivered(synapse: SynapseServer) -> None:
-    summary = probe(synapse, 200, 10, rate=25.0)
+    # A deadline far past the SLA: a Synapse slowed by the suite's other worker delivers
+    # late (seen: 98 of 200 late, 21 past the 6 s deadline); lost must mean lost.
+    summary = probe(synapse, 200, 10, rate=25.0, deadline_ms=scaled(30) * 1000)
     doc = summary.to_json()
     # Every message arrives, once, in order, where it should. On time too, unless the
     # suite's other worker slows Synapse (a Python server) past the 3 s SLA on this

@@ -9,6 +9,13 @@ up in the agent's `/sync` timeline. Target config ``extra``:
 
     customers: {prefix: customer, count: 20, password: secret}   # pre-registered accounts
     sync_timeout_ms: 10000                                        # long-poll length
+    sync_timeline_limit: 1000                                     # events per room per sync
+
+A `/sync` returns at most the filter's timeline limit of new events per room (Synapse's
+default is 10) and marks the room `limited` when it skipped older ones: a busy room or a slow
+server would turn into false loss. The adapter asks for `sync_timeline_limit` events per room
+and reports a room that is still `limited` as a connection event, so a gap is the harness's
+and named, not the server's.
 """
 
 from __future__ import annotations
@@ -154,9 +161,12 @@ class _Client:
             return result
 
     async def _sync_forever(self) -> None:
-        timeout_ms = int(self.adapter.config.extra.get("sync_timeout_ms", 10000))
+        extra = self.adapter.config.extra
+        timeout_ms = int(extra.get("sync_timeout_ms", 10000))
+        timeline = json.dumps({"room": {"timeline": {
+            "limit": int(extra.get("sync_timeline_limit", 1000))}}}, separators=(",", ":"))
         while self.dead is None:
-            path = f"{API}/sync?timeout={timeout_ms}" + (
+            path = f"{API}/sync?timeout={timeout_ms}&filter={quote(timeline)}" + (
                 f"&since={quote(self.since)}" if self.since else "")
 
             async def once(path: str = path) -> Any:
@@ -172,6 +182,9 @@ class _Client:
 
     async def _handle_sync(self, rooms: dict[str, Any]) -> None:
         for room_id, room in rooms.get("join", {}).items():
+            if room.get("timeline", {}).get("limited"):
+                self.on_event("sync_limited", f"{room_id}: the server left out older events "
+                                              "of this sync (raise sync_timeline_limit)")
             for event in room.get("timeline", {}).get("events", []):
                 kind = event.get("type")
                 if kind == "m.room.member":
