@@ -73,7 +73,7 @@ def plan(start_us: int, count: int, gap_us: int, label: str) -> list[Planned]:
 
 
 def sends_of(seen: Batches, round_name: str) -> list[tuple[Any, ...]]:
-    return [tuple(record) for record in seen.get("sends", []) if record[1] == round_name]
+    return [record for record in seen.get("sends", []) if record[1] == round_name]
 
 
 def test_each_customers_messages_leave_in_order_and_never_before_their_plan(

@@ -193,29 +193,25 @@ class EngineOutput:
     send_lag_max_us: int = 0  # a maximum, reset by the reader (a lost reset only repeats it)
 
 
+@dataclass(slots=True, eq=False)
 class _Round:
     """A round being played: the send clock calls :meth:`send_next` when its next message is
     due, and the next message is scheduled only once this one is handed to the adapter, so a
     customer's messages leave in order."""
 
-    __slots__ = ("conversation", "customer", "done", "drop_after", "earliest_us", "engine",
-                 "finished", "index", "name", "plan", "session")
-
-    def __init__(self, engine: WorkerEngine, session: CustomerSession, customer: _Customer,
-                 name: str, plan: list[Planned], drop_after: int, earliest_us: int,
-                 conversation: _Conversation) -> None:
-        self.engine = engine
-        self.session = session
-        self.customer = customer
-        self.name = name
-        self.plan = plan
-        self.drop_after = drop_after
-        self.earliest_us = earliest_us
-        self.conversation = conversation
-        self.index = 0  # the plan's next message
-        self.done = 0  # messages of the plan recorded as sent so far
-        # Done when the round is over; cancelled with the task awaiting it.
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    engine: WorkerEngine
+    session: CustomerSession
+    customer: _Customer
+    name: str
+    plan: list[Planned]
+    drop_after: int
+    earliest_us: int
+    conversation: _Conversation
+    index: int = 0  # the plan's next message
+    done: int = 0  # messages of the plan recorded as sent so far
+    # Done when the round is over; cancelled with the task awaiting it.
+    finished: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def send_next(self, sent: int) -> None:
         finished = self.finished

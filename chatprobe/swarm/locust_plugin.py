@@ -41,7 +41,7 @@ from chatprobe.ledger import MessageRecord, Outcome
 from chatprobe.paths import write_json
 from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import Collector
-from chatprobe.swarm.engine import WorkerEngine, clock_domain, now_us
+from chatprobe.swarm.engine import Planned, WorkerEngine, clock_domain, now_us
 from chatprobe.swarm.runner import STAMP_KEY_ENV
 from chatprobe.swarm.scripts import Script, load_script
 from chatprobe.swarm.shapes import Shape, load_shape
@@ -416,9 +416,6 @@ class ChatCustomer(User):
         if engine is None or script is None or engine.failure or not engine.ready:
             gevent.sleep(0.05)  # the probe agents are still logging in (or failed)
             return
-        scale = _opts(self.environment).cp_think_scale
-        share = _opts(self.environment).cp_reconnect_share
-        share = script.reconnect_share if share < 0 else share
         customer = self.customer
         # Open model: a round starts when the previous one was planned to end, however late
         # this greenlet runs, so a generator that falls behind shows as late sends.
@@ -427,20 +424,12 @@ class ChatCustomer(User):
         # takes the interpreter lock from the chat loop's thread, so fewer is faster.
         horizon = now_us() + PLAN_AHEAD_US
         for _ in range(PLAN_AHEAD_ROUNDS):
+            start = intended
             # A new conversation each round, as a returning customer would start.
             self.round += 1
-            drop_after = (self.rng.randrange(len(script.steps))
-                          if self.rng.random() < share else -1)
-            plan = []
-            start = intended
-            for step in script.steps:
-                # People take more or less time than the script's figure (half to one and
-                # a half of it, the mean kept): customers spawned together do not type in
-                # lockstep.
-                think_s = step.think_s * scale * (THINK_JITTER_LOW + self.rng.random())
-                intended += int(think_s * 1_000_000)
-                plan.append((intended, step.kind, script.body(step, self.rng)))
+            plan, drop_after = self._plan_round(script, start)
             engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after, start)
+            intended = plan[-1][0]
             if intended >= horizon or intended <= start:
                 break
         self.plan_end_us = intended
@@ -448,6 +437,24 @@ class ChatCustomer(User):
         wait_s = (intended - now_us()) / 1e6
         if wait_s > 0:
             gevent.sleep(wait_s)
+
+    def _plan_round(self, script: Script, start_us: int) -> tuple[list[Planned], int]:
+        """One round's messages (planned time, kind, body) from ``start_us``, and the index of
+        the message after which the connection drops (a mobile user) or -1."""
+        options = _opts(self.environment)
+        share = script.reconnect_share if options.cp_reconnect_share < 0 else (
+            options.cp_reconnect_share)
+        drop_after = self.rng.randrange(len(script.steps)) if self.rng.random() < share else -1
+        plan = []
+        intended = start_us
+        for step in script.steps:
+            # People take more or less time than the script's figure (half to one and a half
+            # of it, the mean kept): customers spawned together do not type in lockstep.
+            think_s = step.think_s * options.cp_think_scale * (
+                THINK_JITTER_LOW + self.rng.random())
+            intended += int(think_s * 1_000_000)
+            plan.append((intended, step.kind, script.body(step, self.rng)))
+        return plan, drop_after
 
 
 class PromotionShape(LoadTestShape):
