@@ -21,6 +21,7 @@ from chatprobe.canary.checks import SYNTHETIC_MARK
 from chatprobe.canary.config import load_canary
 from chatprobe.canary.history import HistoryStore, render_history
 from chatprobe.canary.model import CanaryRun, CheckResult
+from chatprobe.errors import HarnessError
 from chatprobe.verdict import Status
 from tests.conftest import ROOT, ServiceProcess, scaled, stop_process
 
@@ -329,6 +330,24 @@ for i in range(100000):
     run.results = run.results * 200  # big transactions: a kill lands inside one
     store.append(run)
 """
+
+
+def test_a_store_its_creator_left_without_tables_reads_as_empty(tmp_path: Path) -> None:
+    # A canary killed between creating the file and writing the schema (seen in the
+    # twenty-kills test) leaves a database with no tables.
+    import sqlite3
+
+    path = tmp_path / "history.sqlite3"
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+    store = HistoryStore(path, read_only=True)
+    try:
+        assert store.run_count() == 0
+    finally:
+        store.close()
+    (tmp_path / "not-a-store").write_text("not sqlite at all " * 100)
+    with pytest.raises(HarnessError, match="cannot open the canary history"):
+        HistoryStore(tmp_path / "not-a-store", read_only=True)
 
 
 def test_a_run_killed_while_writing_leaves_a_readable_store(tmp_path: Path) -> None:

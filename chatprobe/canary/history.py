@@ -79,7 +79,13 @@ class HistoryStore:
             if read_only:
                 self.db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
                                           timeout=timeout_s, isolation_level=None)
-                self.db.execute("SELECT COUNT(*) FROM runs")
+                if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                   "name = 'runs'").fetchone() is None:
+                    # Created by a canary killed before it wrote the schema: no runs yet
+                    # (its next run adds the tables). Read it as the empty store it is.
+                    self.db.close()
+                    self.db = sqlite3.connect(":memory:", isolation_level=None)
+                    self.db.executescript(SCHEMA)
                 return
             path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
