@@ -82,6 +82,41 @@ def test_refused_send_fails_its_ack_with_not_accepted() -> None:
     asyncio.run(with_server(script, body))
 
 
+def test_tagged_sends_tell_their_sink_of_each_ack_refusal_and_the_sessions_end() -> None:
+    """The swarm's per-message path: no future per send; each outcome reaches the sink once
+    with the send's tag, an ack with the target's message id."""
+    async def script(ws: ServerConnection) -> None:
+        async for raw in ws:
+            frame = json.loads(raw)
+            if frame["client_msg_id"] == "m-1":
+                await ws.send(json.dumps({"type": "ack", "client_msg_id": "m-1", "id": 41}))
+            elif frame["client_msg_id"] == "m-2":
+                await ws.send(json.dumps({"type": "error", "code": "unknown_conversation",
+                                          "message": "no such", "client_msg_id": "m-2"}))
+                await ws.send(json.dumps({"type": "ack", "client_msg_id": "m-1", "id": 41}))
+
+    async def body(url: str) -> None:
+        adapter = ReferenceAdapter(url, CONFIG)
+        customer = await adapter.connect_customer("c", lambda t, i: None, lambda k, d: None)
+        outcomes: list[tuple[object, str | None, Cause | None]] = []
+        answered = asyncio.Event()
+
+        def sink(tag: object, server_id: str | None, error: TargetError | None) -> None:
+            outcomes.append((tag, server_id, error.cause if error else None))
+            if len(outcomes) == 2:
+                answered.set()
+
+        for number in (1, 2, 3):
+            assert customer.send_tagged("7", f"m-{number}", f"text {number}", ("t", number),
+                                        sink)
+        await answered.wait()  # m-3 is never answered; m-1's second ack is not news
+        await customer.close()
+        assert outcomes == [(("t", 1), "41", None), (("t", 2), None, Cause.NOT_ACCEPTED),
+                            (("t", 3), None, Cause.DISCONNECTED)]
+
+    asyncio.run(with_server(script, body))
+
+
 def test_session_ended_mid_run_marks_the_session_failed_and_hangs_up() -> None:
     async def script(ws: ServerConnection) -> None:
         await ws.send(json.dumps({"type": "error", "code": "session_expired"}))

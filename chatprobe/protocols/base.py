@@ -23,7 +23,7 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import AgentSelf, Cause
@@ -33,6 +33,9 @@ OnReceive = Callable[[str, str | None], None]
 # A frame as evidence: (monotonic µs, "in" or "out", the frame's text).
 Frame = tuple[int, str, str]
 OnEvent = Callable[[str, str], None]  # (event kind, detail): "disconnected", "resumed", ...
+# Where a tagged send ends up, once: (the caller's tag, the target's message id, None) when
+# acked, (tag, None, why) when refused or when the session died before the ack.
+AckSink = Callable[[Any, str | None, TargetError | None], None]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,13 @@ class CustomerSession(ABC):
         """:meth:`send` without a coroutine, for adapters whose send never waits (the
         swarm's per-message path); None: this adapter cannot, use :meth:`send`."""
         return None
+
+    def send_tagged(self, conversation: str, client_msg_id: str, text: str, tag: Any,
+                    sink: AckSink) -> bool:
+        """:meth:`send_soon` without a future: the outcome goes to ``sink`` with ``tag``
+        (tens of thousands a second in a swarm: no future, callback or closure each).
+        False: this adapter cannot, use :meth:`send_soon`."""
+        return False
 
     async def close_conversation(self, conversation: str) -> None:  # noqa: B027
         """End the conversation as a customer who is done (optional; default: nothing)."""
@@ -106,6 +116,13 @@ class AgentSession(ABC):
                       text: str) -> asyncio.Future[Ack] | Literal[False] | None:
         """:meth:`reply_to` without a coroutine, for adapters whose reply never waits
         (returns and raises as reply_to does); False: this adapter cannot, use reply_to."""
+        return False
+
+    def reply_tagged(self, server_id: str, client_msg_id: str, text: str, tag: Any,
+                     sink: AckSink) -> bool | None:
+        """:meth:`reply_to_soon` with its outcome going to ``sink``, as
+        CustomerSession.send_tagged. True: sent; None: the adapter cannot tell which
+        conversation ``server_id`` was in; False: this adapter cannot, use reply_to_soon."""
         return False
 
     def recent_frames(self) -> list[Frame]:

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from chatprobe.config import TargetConfig
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError, TargetError
-from chatprobe.protocols.base import Ack, Frame, OnEvent
+from chatprobe.protocols.base import Ack, AckSink, Frame, OnEvent
 from chatprobe.protocols.longpoll import open_long_poll
 from chatprobe.protocols.websocket import Message, MessageSocket, WebSocket, connect
 
@@ -104,6 +104,7 @@ class SeenIds:
 
 # What a request waiting for its answer gets when its connection is lost: ask again.
 _ASK_AGAIN = object()
+_UNTAGGED = object()  # a client id without a tag: its ack has a future, or is unknown
 
 
 class ReconnectingLink(ABC):
@@ -123,6 +124,9 @@ class ReconnectingLink(ABC):
         self.closing = False
         self.ack_futures: dict[str, asyncio.Future[Ack]] = {}
         self.other_futures: dict[Hashable, asyncio.Future[Any]] = {}
+        # Sends whose outcome goes to ack_sink rather than a future: client id -> tag.
+        self.ack_tags: dict[str, Any] = {}
+        self.ack_sink: AckSink | None = None
         self.reader: asyncio.Task[None] | None = None
         # Set while a logged-in connection is up (and once the link is dead, to wake waiters).
         self.connected = asyncio.Event()
@@ -277,6 +281,11 @@ class ReconnectingLink(ABC):
         for future in waiting:
             if not future.done():
                 future.set_exception(error)
+        tags = list(self.ack_tags.values())
+        self.ack_tags.clear()
+        if self.ack_sink is not None:
+            for tag in tags:
+                self.ack_sink(tag, None, error)
 
     async def ask(self, text: str, key: Hashable) -> Any:
         """Send a request and wait for the frame that answers it (``on_raw`` resolves
@@ -321,15 +330,53 @@ class ReconnectingLink(ABC):
 
     def resolve_ack(self, key: str, ack: Ack) -> None:
         future = self.ack_futures.pop(key, None)
-        if future is not None and not future.done():
-            future.set_result(ack)
+        if future is not None:
+            if not future.done():
+                future.set_result(ack)
+        elif self.ack_tags and (tag := self.ack_tags.pop(key, _UNTAGGED)) is not _UNTAGGED:
+            assert self.ack_sink is not None
+            self.ack_sink(tag, ack.server_id, None)
+
+    def ack_tagged(self, key: str, server_id: str) -> bool:
+        """The ack of a tagged send goes to the sink; False: ``key`` was not tagged."""
+        tag = self.ack_tags.pop(key, _UNTAGGED)
+        if tag is _UNTAGGED:
+            return False
+        assert self.ack_sink is not None
+        self.ack_sink(tag, server_id, None)
+        return True
 
     def refuse_ack(self, key: str, error: TargetError) -> bool:
         future = self.ack_futures.pop(key, None)
         if future is None:
-            return False
+            tag = self.ack_tags.pop(key, _UNTAGGED)
+            if tag is _UNTAGGED:
+                return False
+            assert self.ack_sink is not None
+            self.ack_sink(tag, None, error)
+            return True
         if not future.done():
             future.set_exception(error)
+        return True
+
+    def send_tagged(self, text: str, client_msg_id: str, tag: Any, sink: AckSink) -> bool:
+        """Send (or hold for the resume while disconnected) a frame whose ack goes to
+        ``sink`` with ``tag`` (see CustomerSession.send_tagged). False when the link is dead:
+        the sink has heard so already."""
+        if self.dead is not None:
+            sink(tag, None, self.dead)
+            return False
+        self.ack_sink = sink
+        self.ack_tags[client_msg_id] = tag
+        ws = self.ws
+        assert ws is not None
+        # Not contextlib.suppress: every message passes here.
+        try:  # noqa: SIM105
+            ws.send_now(text)
+        except ConnectionClosed:
+            pass  # disconnected: handshake(resume=True) resends what is unacked
+        if self.frames is not None:
+            self.frames.append((time.monotonic_ns() // 1000, "out", text))
         return True
 
     def new_ack(self, key: str) -> asyncio.Future[Ack]:

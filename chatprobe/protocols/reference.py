@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import AgentSelf, Cause
@@ -20,6 +21,7 @@ from chatprobe.errors import TargetError
 from chatprobe.protocols import wire
 from chatprobe.protocols.base import (
     Ack,
+    AckSink,
     Adapter,
     AgentSession,
     Conversation,
@@ -32,6 +34,8 @@ from chatprobe.protocols.base import (
 )
 from chatprobe.protocols.link import ReconnectingLink, SeenIds
 from chatprobe.protocols.websocket import MessageSocket
+
+_loads = orjson.loads
 
 LOGIN_ERRORS = {
     wire.ERR_AUTH_FAILED: Cause.AUTH_REJECTED,
@@ -125,19 +129,29 @@ class _Link(ReconnectingLink):
             await ws.send(wire.encode(pending))
 
     def on_raw(self, raw: str | bytes) -> None:
+        # wire.decode inlined for the frames of every message; anything odd goes to it for
+        # its one-line reason.
         try:
-            frame = wire.decode(raw)
-        except wire.ProtocolError as exc:
-            raise TargetError(Cause.PROTOCOL, f"bad frame from target: {exc}") from None
-        kind = frame["type"]
+            frame = _loads(raw) if type(raw) is str else None
+            kind = frame.get("type") if type(frame) is dict else None
+        except orjson.JSONDecodeError:
+            kind = None
+        if type(kind) is not str:
+            try:
+                wire.decode(raw)
+            except wire.ProtocolError as exc:
+                raise TargetError(Cause.PROTOCOL, f"bad frame from target: {exc}") from None
+            raise TargetError(Cause.PROTOCOL, "bad frame from target")  # not reached
+        assert frame is not None
         if kind == "ack":
             key = str(frame.get("client_msg_id"))
             self.unacked.pop(key, None)
-            self.resolve_ack(key, Ack(str(frame.get("id")), frame.get("ts")))
+            if not self.ack_tagged(key, str(frame.get("id"))):
+                self.resolve_ack(key, Ack(str(frame.get("id")), frame.get("ts")))
             return
         if kind == "message":
             message_id = frame.get("id")
-            if isinstance(message_id, int):
+            if type(message_id) is int:
                 if not self.seen.first_time(message_id):
                     return
                 if self.last_id is None or message_id > self.last_id:
@@ -169,6 +183,13 @@ class _Link(ReconnectingLink):
     async def request(self, frame: wire.Frame, reply_type: str, ref: str) -> wire.Frame:
         answer: wire.Frame = await self.ask(wire.encode(frame), (reply_type, ref))
         return answer
+
+    def send_frame_tagged(self, frame: wire.Frame, client_msg_id: str, tag: Any,
+                          sink: AckSink) -> bool:
+        """As send_acked, its ack going to ``sink`` (see CustomerSession.send_tagged)."""
+        if self.dead is None:
+            self.unacked[client_msg_id] = frame
+        return self.send_tagged(wire.encode(frame), client_msg_id, tag, sink)
 
     def send_acked(self, frame: wire.Frame, client_msg_id: str) -> asyncio.Future[Ack]:
         """Send ``frame`` (or hold it for the resume while disconnected): its ack's future."""
@@ -203,6 +224,13 @@ class _ReferenceCustomer(CustomerSession):
         frame = {"type": "send", "conversation": int(conversation),
                  "client_msg_id": client_msg_id, "text": text}
         return self.link.send_acked(frame, client_msg_id)
+
+    def send_tagged(self, conversation: str, client_msg_id: str, text: str, tag: Any,
+                    sink: AckSink) -> bool:
+        self.link.send_frame_tagged({"type": "send", "conversation": int(conversation),
+                                     "client_msg_id": client_msg_id, "text": text},
+                                    client_msg_id, tag, sink)
+        return True
 
     def drop_connection(self) -> bool:
         self.link.drop()
@@ -253,6 +281,16 @@ class _ReferenceAgent(AgentSession):
         if conversation is None:
             return None
         return self._reply(conversation, client_msg_id, text)
+
+    def reply_tagged(self, server_id: str, client_msg_id: str, text: str, tag: Any,
+                     sink: AckSink) -> bool | None:
+        conversation = self.conversation_of.get(server_id)
+        if conversation is None:
+            return None
+        self.link.send_frame_tagged({"type": "reply", "conversation": int(conversation),
+                                     "client_msg_id": client_msg_id, "text": text},
+                                    client_msg_id, tag, sink)
+        return True
 
     def recent_frames(self) -> list[Frame]:
         return list(self.link.frames or ())

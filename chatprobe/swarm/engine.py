@@ -228,7 +228,7 @@ class _Round:
 
     def _send(self, sent: int) -> None:
         engine, name = self.engine, self.name
-        out, codec, script = engine.out, engine.codec, engine.script
+        out, codec = engine.out, engine.codec
         intended_us, kind, body = self.plan[self.index]
         # Latency still counts from the plan; lateness is the generator's own share.
         lag = sent - max(intended_us, self.earliest_us)
@@ -241,13 +241,17 @@ class _Round:
         self.done = seq
         conversation = self.conversation
         text = codec.stamp_text(body, name, name, seq, intended_us)
-        step = script.step_for_seq(seq) if script is not None else None
-        if step is not None and step.expects_reply:
+        if seq in engine.reply_kinds:
             conversation.awaiting_replies.add(seq)
             conversation.replies_done.clear()
         # The ack arrives later; not waiting for it keeps the open-model pace.
         client_msg_id = f"{codec.run}-{name}-{seq}"
-        ack = self.session.send_soon(conversation.id, client_msg_id, text)
+        session = self.session
+        if session.send_tagged(conversation.id, client_msg_id, text,
+                               (self.customer.name, name, seq), engine.ack_sink):
+            self._sent()
+            return
+        ack = session.send_soon(conversation.id, client_msg_id, text)
         if ack is None:  # an adapter whose send waits
             engine._spawn(self._send_waiting(client_msg_id, text, seq))
             return
@@ -297,6 +301,13 @@ class WorkerEngine:
         self.adapter: Adapter | None = None
         self.agent_adapter: Adapter | None = None
         self.script = script
+        # The messages an agent answers, by their number in the conversation: the kind its
+        # reply is reported under.
+        self.reply_kinds: dict[int, str] = {} if script is None else {
+            seq: f"reply:{step.kind}" for seq, step in enumerate(script.steps, start=1)
+            if step.expects_reply}
+        self.ack_sink = self._on_ack  # one bound method for every tagged send
+        self._senders: dict[str, str] = {}  # agent id -> its id as a stamp field
         self.customers: dict[str, _Customer] = {}
         self.agents: list[AgentSession] = []
         self.agent_by_id: dict[str, AgentSession] = {}
@@ -420,7 +431,9 @@ class WorkerEngine:
 
     def _receiver(self, agent_id: str) -> Callable[[str, str | None], None]:
         parse = self.codec.parse
-        receipts = self.out.receipts
+        out = self.out
+        receipts = out.receipts
+        reply_kinds = self.reply_kinds
 
         def on_receive(text: str, server_id: str | None) -> None:
             received = now_us()
@@ -428,12 +441,12 @@ class WorkerEngine:
             if stamp is None:
                 return
             if stamp.foreign:
-                self.out.foreign += 1
+                out.foreign += 1
             elif not stamp.valid:
-                self.out.forged += 1
+                out.forged += 1
             else:
                 receipts.append((stamp.conversation, stamp.seq, agent_id, received))
-                if server_id is not None:
+                if server_id is not None and stamp.seq in reply_kinds:
                     self._maybe_reply(agent_id, stamp.conversation, stamp.seq, server_id,
                                       received)
 
@@ -443,23 +456,30 @@ class WorkerEngine:
                      received_us: int) -> None:
         """Answer at once where the script expects a reply: the reply is a stamped message
         of its own (agent -> customer), planned for the moment the question arrived."""
-        step = self.script.step_for_seq(seq) if self.script is not None else None
+        kind = self.reply_kinds.get(seq)
         agent = self.agent_by_id.get(agent_id)
-        if step is None or not step.expects_reply or agent is None:
+        if kind is None or agent is None:
             return
         if not self._replied.first_time((conversation, seq)):
             return  # a duplicate of a question already answered: a person answers once
         reply_conversation = f"{conversation}{REPLY_SUFFIX}"
-        # Agent ids may carry ':' (Matrix user ids), which a stamp field cannot.
-        sender = agent_id.replace(":", "_").replace("]", "_")
+        sender = self._senders.get(agent_id)
+        if sender is None:
+            # Agent ids may carry ':' (Matrix user ids), which a stamp field cannot.
+            sender = self._senders[agent_id] = agent_id.replace(":", "_").replace("]", "_")
         text = self.codec.stamp_text(AGENT_REPLIES[seq % len(AGENT_REPLIES)], sender,
                                      reply_conversation, seq, received_us)
-        self.out.sends.append((sender, reply_conversation, seq, received_us, now_us(),
-                               f"reply:{step.kind}"))
+        self.out.sends.append((sender, reply_conversation, seq, received_us, now_us(), kind))
 
         client_msg_id = f"{self.codec.run}-r-{conversation}-{seq}"
         try:
             # Most adapters reply without waiting: no task (nor closure) per reply.
+            sent = agent.reply_tagged(server_id, client_msg_id, text,
+                                      (agent_id, reply_conversation, seq), self.ack_sink)
+            if sent is not False:
+                if sent is None:
+                    self._reply_sent(None, agent_id, reply_conversation, seq)
+                return
             soon = agent.reply_to_soon(server_id, client_msg_id, text)
         except TargetError as exc:
             self._reply_failed(agent_id, conversation, exc)
@@ -702,6 +722,15 @@ class WorkerEngine:
         closed = [name for name, c in rounds.items() if c.closed]
         for name in closed[:max(0, len(rounds) - RECENT_CONVERSATIONS)]:
             del rounds[name]
+
+    def _on_ack(self, tag: tuple[str, str, int], server_id: str | None,
+                error: TargetError | None) -> None:
+        """The outcome of a tagged send (who, conversation, seq), as :meth:`_ack_recorder`
+        reads a future's."""
+        if error is None:
+            self.out.acks.append((tag[1], tag[2], now_us(), server_id))
+        else:
+            self.out.events.append(f"{tag[0]}: message refused: {error}")
 
     def _ack_recorder(self, who: str, conversation: str,
                       seq: int) -> Callable[[asyncio.Future[Ack]], None]:
