@@ -288,6 +288,29 @@ async def _write_fast(texts: list[str]) -> None:
     assert len(masks - {None}) == len([d for d in written if len(d) - 6 < 126])  # fresh each
 
 
+def test_answers_to_a_burst_of_frames_leave_in_one_write_in_order() -> None:
+    """An agent answering a burst of messages: one write for the whole burst (a loopback
+    write costs as much as a frame's Python), the pong to a ping inside it in its place, and
+    a send outside a burst written at once."""
+    async def main() -> None:
+        ws, written = opened_client()
+        ws.deliver_to(lambda message: ws.send_now(f"re: {message!r}"))
+        ws.data_received(_server_frame(Opcode.TEXT, b"one") + _server_frame(Opcode.PING, b"p")
+                         + _server_frame(Opcode.TEXT, b"two")
+                         + _server_frame(Opcode.TEXT, b"thr"))
+        assert len(written) == 1
+        frames = _client_frames_seen_by_a_server(written)
+        assert [(f.opcode, bytes(f.data)) for f in frames] == [
+            (Opcode.TEXT, b"re: 'one'"), (Opcode.PONG, b"p"), (Opcode.TEXT, b"re: 'two'"),
+            (Opcode.TEXT, b"re: 'thr'")]
+        written.clear()
+        ws.send_now("alone")
+        assert len(written) == 1 and _client_frames_seen_by_a_server(written)[0].data == (
+            b"alone")
+
+    asyncio.run(main())
+
+
 def test_a_close_or_a_fragment_mid_stream_goes_to_websockets_and_back() -> None:
     asyncio.run(_close_and_fragment())
 

@@ -175,6 +175,10 @@ class WebSocket(Inbox, asyncio.Protocol):
         # The fast path (see the module's docstring): on while open and between frames.
         self._fast = False
         self._partial = b""  # the start of a frame not yet complete
+        # Frames written while this connection's incoming frames are handled (an agent's
+        # replies to a burst of messages) leave in one write after the burst: on loopback a
+        # write costs as much as all of a frame's Python, waking the peer included.
+        self._held: list[bytes] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -210,10 +214,25 @@ class WebSocket(Inbox, asyncio.Protocol):
                       and self.transport is not None)
 
     def _parse_fast(self, data: bytes) -> None:
+        self._held = []
+        try:
+            self._parse_frames(data)
+        finally:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        held, self._held = self._held, None
+        if held and self.transport is not None:
+            self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def _parse_frames(self, data: bytes) -> None:
         buffer = self._partial + data if self._partial else data
         self._partial = b""
         end, at = len(buffer), 0
         limit = self.protocol.max_message_size
+        # Straight to the reader's callback once it is set (deliver_to runs in a task of its
+        # own, never inside this loop): a call less for every frame of every message.
+        deliver = self._on_message or self._deliver
         while end - at >= 2:
             first, second = buffer[at], buffer[at + 1]
             length = second & 0x7F
@@ -246,12 +265,12 @@ class WebSocket(Inbox, asyncio.Protocol):
                     self._flush()
                     self._leave_fast(buffer[at:])
                     return
-                self._deliver(text)
+                deliver(text)
             elif opcode == 2:
-                self._deliver(payload)
+                deliver(payload)
             elif opcode == 9 and length <= 125:
                 if self.transport is not None and self.protocol.state is State.OPEN:
-                    self.transport.write(client_frame(FIN_PONG, payload))
+                    self._write(client_frame(FIN_PONG, payload))
             elif opcode == 10 and length <= 125:
                 self._pong(payload)
             else:  # a close, an unknown opcode, an oversized control frame
@@ -345,7 +364,16 @@ class WebSocket(Inbox, asyncio.Protocol):
 
     # -- the API -----------------------------------------------------------------------
 
+    def _write(self, frame: bytes) -> None:
+        held = self._held
+        if held is not None:
+            held.append(frame)
+        else:
+            assert self.transport is not None
+            self.transport.write(frame)
+
     def _flush(self) -> None:
+        self._write_held()  # what this side wrote first goes first
         transport = self.transport
         if transport is None:
             return
@@ -358,7 +386,8 @@ class WebSocket(Inbox, asyncio.Protocol):
             self._loop.call_later(self.close_timeout_s, self.abort)
 
     def send_now(self, message: str) -> None:
-        """Write one text message now; raises ConnectionClosed when the connection is gone."""
+        """Write one text message (while a burst of incoming frames is handled, at its end);
+        raises ConnectionClosed when the connection is gone."""
         protocol = self.protocol
         transport = self.transport
         if protocol.state is not State.OPEN or transport is None:
@@ -367,7 +396,12 @@ class WebSocket(Inbox, asyncio.Protocol):
             protocol.send_text(message.encode())
             self._flush()
         else:
-            transport.write(client_frame(FIN_TEXT, message.encode()))
+            frame = client_frame(FIN_TEXT, message.encode())
+            held = self._held
+            if held is not None:
+                held.append(frame)
+            else:
+                transport.write(frame)
 
     async def send(self, message: str) -> None:
         self.send_now(message)
