@@ -433,8 +433,9 @@ class ChatCustomer(User):
             if intended >= horizon or intended <= start:
                 break
         self.plan_end_us = intended
-        # The chat loop paces the rounds; this greenlet only waits for them to be over.
-        wait_s = (intended - now_us()) / 1e6
+        # The chat loop paces the rounds; this greenlet wakes to hand over the next ones
+        # while half the horizon is still queued, so a late wake-up is not a late round.
+        wait_s = (intended - PLAN_AHEAD_US // 2 - now_us()) / 1e6
         if wait_s > 0:
             gevent.sleep(wait_s)
 
