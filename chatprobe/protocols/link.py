@@ -14,7 +14,7 @@ import ssl
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import aiohttp
@@ -105,6 +105,15 @@ class SeenIds:
 # What a request waiting for its answer gets when its connection is lost: ask again.
 _ASK_AGAIN = object()
 _UNTAGGED = object()  # a client id without a tag: its ack has a future, or is unknown
+
+
+def _no_answer() -> TargetError:
+    return TargetError(Cause.TRANSPORT, "no answer to a request in time")
+
+
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_no_answer())
 
 
 class ReconnectingLink(ABC):
@@ -223,11 +232,16 @@ class ReconnectingLink(ABC):
         if self.frames is not None:
             self.frames.append((time.monotonic_ns() // 1000, "in", raw if isinstance(
                 raw, str) else raw.decode("utf-8", "replace")))
+        self.guarded(self.on_raw, raw)
+
+    def guarded(self, handle: Callable[[Any], None], frame: Any) -> None:
+        """Run a frame's handler: a protocol error ends the link; anything else is a harness
+        bug, reported, and the link keeps receiving."""
         try:
-            self.on_raw(raw)
+            handle(frame)
         except TargetError as exc:
             self.die(exc)
-        except Exception as exc:  # a harness bug: say so, keep receiving
+        except Exception as exc:
             self.on_event("error", f"harness error handling a frame: "
                                    f"{type(exc).__name__}: {exc}")
 
@@ -297,32 +311,35 @@ class ReconnectingLink(ABC):
         give_up_at = loop.time() + (config.connect_timeout_s + config.reconnect_window_s)
         try:
             while True:
+                if not self.connected.is_set():
+                    try:
+                        async with asyncio.timeout_at(give_up_at):
+                            await self.connected.wait()
+                    except TimeoutError:
+                        raise _no_answer() from None
+                if self.dead is not None:
+                    raise self.dead
+                if self.closing:
+                    raise TargetError(Cause.DISCONNECTED, "the session was closed")
+                ws = self.ws
+                assert ws is not None
+                if ws.closed.done():
+                    # Closed, and _lost (a callback of the close) has yet to run: let it,
+                    # then wait for the next connection.
+                    await asyncio.sleep(0)
+                    continue
                 future: asyncio.Future[Any] = loop.create_future()
                 self.other_futures[key] = future
+                with contextlib.suppress(ConnectionClosed):
+                    ws.send_now(text)
+                # The answer within the connect timeout; _lost wakes it to ask again. A
+                # timer, not asyncio.timeout: every round of a swarm opens a conversation.
+                timer = loop.call_at(min(give_up_at, loop.time() + config.connect_timeout_s),
+                                     _time_out, future)
                 try:
-                    async with asyncio.timeout_at(give_up_at) as deadline:
-                        if not self.connected.is_set():
-                            await self.connected.wait()
-                        if self.dead is not None:
-                            raise self.dead
-                        if self.closing:
-                            raise TargetError(Cause.DISCONNECTED, "the session was closed")
-                        ws = self.ws
-                        assert ws is not None
-                        if ws.closed.done():
-                            # Closed, and _lost (a callback of the close) has yet to run:
-                            # let it, then wait for the next connection.
-                            await asyncio.sleep(0)
-                            continue
-                        with contextlib.suppress(ConnectionClosed):
-                            ws.send_now(text)
-                        # The answer within the connect timeout; _lost wakes it to ask again.
-                        deadline.reschedule(min(give_up_at,
-                                                loop.time() + config.connect_timeout_s))
-                        answer = await future
-                except TimeoutError:
-                    raise TargetError(Cause.TRANSPORT, "no answer to a request in time") \
-                        from None
+                    answer = await future
+                finally:
+                    timer.cancel()
                 if answer is not _ASK_AGAIN:
                     return answer
         finally:
