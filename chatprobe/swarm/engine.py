@@ -709,9 +709,14 @@ class WorkerEngine:
         """Stay for the answers (bounded by the deadline), as a customer would, then close
         the conversation so the agent's capacity frees up."""
         if conversation.awaiting_replies:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.deadline_ms / 1000):
-                    await conversation.replies_done.wait()
+            # A timer that gives up waiting, not asyncio.timeout: this runs every round.
+            done = conversation.replies_done
+            timer = asyncio.get_running_loop().call_later(self.config.deadline_ms / 1000,
+                                                          done.set)
+            try:
+                await done.wait()
+            finally:
+                timer.cancel()
         if not conversation.closed:
             conversation.closed = True
             with contextlib.suppress(TargetError):
@@ -719,9 +724,10 @@ class WorkerEngine:
         # Late answers to a recently closed round still count; older closed rounds are
         # forgotten (one still waiting for its answers is kept).
         rounds = customer.conversations
-        closed = [name for name, c in rounds.items() if c.closed]
-        for name in closed[:max(0, len(rounds) - RECENT_CONVERSATIONS)]:
-            del rounds[name]
+        if len(rounds) > RECENT_CONVERSATIONS:
+            closed = [name for name, c in rounds.items() if c.closed]
+            for name in closed[:len(rounds) - RECENT_CONVERSATIONS]:
+                del rounds[name]
 
     def _on_ack(self, tag: tuple[str, str, int], server_id: str | None,
                 error: TargetError | None) -> None:
