@@ -5,8 +5,9 @@ platforms that only pass text through::
 
     <body> [cp:<run>:<sender>:<conversation>:<seq>:<intended_us hex>:<signature hex>]
 
-The signature is a keyed BLAKE2b (per-run secret) over the stamp fields *and* the body, so a
-receiver can tell a genuine message from a corrupted or forged one. ``intended_us`` is the
+The signature is a keyed BLAKE2b (per-run secret) over everything before it, the body *and*
+the stamp fields, and nothing may follow the stamp, so a receiver can tell a genuine message
+from a corrupted or forged one. ``intended_us`` is the
 intended send time in microseconds on the sender's clock (monotonic on one host).
 """
 
@@ -64,9 +65,9 @@ class StampCodec:
         object.__setattr__(self, "_keyed", hashlib.blake2b(key=self.secret,
                                                            digest_size=_SIG_BYTES))
 
-    def _sign(self, fields: str, body: str) -> str:
+    def _sign(self, signed: str) -> str:
         hasher = self._keyed.copy()
-        hasher.update((fields + "|" + body).encode())
+        hasher.update(signed.encode())
         return str(hasher.hexdigest())
 
     def stamp_text(self, body: str, sender: str, conversation: str, seq: int,
@@ -77,8 +78,10 @@ class StampCodec:
         if intended_us < 0:
             raise StampError(f"stamp times must be non-negative, got {intended_us}")
         fields = f"{self.run}:{sender}:{conversation}:{seq}:{intended_us:x}"
-        prefix = body + " " if body else ""
-        return f"{prefix}{STAMP_OPEN}{fields}:{self._sign(fields, prefix)}{STAMP_CLOSE}"
+        # Signed: everything before the signature, the body and the fields in one piece
+        # (one slice to check on receipt, where every message is checked).
+        head = f"{body} {STAMP_OPEN}{fields}:" if body else f"{STAMP_OPEN}{fields}:"
+        return f"{head}{self._sign(head)}{STAMP_CLOSE}"
 
     def parse(self, text: str) -> ParsedStamp | None:
         """Find the stamp in ``text``; None when there is none (an ordinary message)."""
@@ -99,9 +102,8 @@ class StampCodec:
             return None
         if run != self.run:
             return ParsedStamp(run, sender, conversation, seq, intended_us, False, True)
-        fields = text[start + 4 : end - len(signature) - 1]
-        body = text[:start] + text[end + 1 :]
-        valid = self._sign(fields, body) == signature
+        # Anything after the stamp is as much a change as a change to the body.
+        valid = end == len(text) - 1 and self._sign(text[:end - len(signature)]) == signature
         return ParsedStamp(run, sender, conversation, seq, intended_us, valid, False)
 
 

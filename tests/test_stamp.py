@@ -168,6 +168,13 @@ def test_short_secret_rejected() -> None:
         StampCodec(run="r", secret=b"1234567")
 
 
+def test_secret_longer_than_a_blake2b_key_rejected_as_a_stamp_error() -> None:
+    assert StampCodec(run="r", secret=b"k" * 64).parse(
+        StampCodec(run="r", secret=b"k" * 64).stamp_text("hi", "c", "c", 1, 2)) is not None
+    with pytest.raises(StampError, match="8 to 64 bytes"):
+        StampCodec(run="r", secret=b"k" * 65)
+
+
 def test_new_run_makes_distinct_valid_codecs() -> None:
     a, b = StampCodec.new_run(), StampCodec.new_run()
     assert a.run != b.run and a.secret != b.secret
