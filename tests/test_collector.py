@@ -29,8 +29,11 @@ def round_trips(c: Collector, worker: str, clock: str, offset_us: int,
 
 
 def batch(worker: str = "w0", clock: str = "boot-a", **fields: Any) -> dict[str, Any]:
+    """A worker's batch; sends, acks and receipts given as records are laid end to end."""
     data = empty_batch(worker, "host") | {"clock": clock}
-    data.update(fields)
+    for key, value in fields.items():
+        data[key] = [item for record in value for item in record] if key in (
+            "sends", "acks", "receipts") else value
     return data
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from chatprobe.stamp import StampCodec
+from chatprobe.swarm.collector import ACK_FIELDS, RECEIPT_FIELDS, SEND_FIELDS, records
 from chatprobe.swarm.engine import LOOP_THREAD_LOGGERS, Planned, WorkerEngine, now_us
 from chatprobe.swarm.scripts import load_script
 from tests.conftest import ServiceProcess, scaled
@@ -60,11 +61,17 @@ def collect(engine: WorkerEngine, seen: Batches, done: Callable[[Batches], bool]
     while not done(seen):
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} in time: {seen} {list(engine.out.events)}")
-        batch = engine.take_batch(None)
-        for key in ("sends", "acks", "receipts"):
-            seen.setdefault(key, []).extend(batch[key])
+        take(engine, seen)
         time.sleep(0.02)  # polling interval of a bounded wait, not a synchronisation
     return seen
+
+
+def take(engine: WorkerEngine, seen: Batches) -> None:
+    """One batch of the engine's, its flat lists read back as records."""
+    batch = engine.take_batch(None)
+    for key, width in (("sends", SEND_FIELDS), ("acks", ACK_FIELDS),
+                       ("receipts", RECEIPT_FIELDS)):
+        seen.setdefault(key, []).extend(records(batch[key], width))
 
 
 def plan(start_us: int, count: int, gap_us: int, label: str) -> list[Planned]:
@@ -145,5 +152,5 @@ def test_a_customer_that_leaves_mid_round_closes_at_once_not_at_its_next_message
         assert time.monotonic() < deadline, "the leaving customer kept its connection"
         time.sleep(0.02)  # polling interval of a bounded wait
     assert now_us() < next_message
-    seen["sends"].extend(engine.take_batch(None)["sends"])  # anything sent before it left
+    take(engine, seen)  # anything sent before it left
     assert len(sends_of(seen, "w0slow-1")) == 1

@@ -11,7 +11,7 @@ come from, and a run spanning several hosts is reported with its clock caveat.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,12 +80,25 @@ class WorkerHealth:
     clock: str = ""
 
 
+# A batch's records lie end to end in flat lists, this many items each:
+SEND_FIELDS = 6  # sender, conversation, seq, intended_us, sent_us, kind
+ACK_FIELDS = 4  # conversation, seq, ack_us, server_id
+RECEIPT_FIELDS = 4  # conversation, seq, receiver, received_us
+
+
 def empty_batch(worker: str, host: str) -> dict[str, Any]:
-    """The batch a worker sends every flush (lists, so msgpack carries it cheaply)."""
+    """The batch a worker sends every flush: flat lists of scalars (no object per record
+    on the worker, and msgpack carries them cheaply)."""
     return {"worker": worker, "host": host, "sends": [], "acks": [], "receipts": [],
             "forged": 0,
             "foreign": 0, "late_sends": 0, "send_lag_max_us": 0, "cpu": None,
             "loop_lag_max_us": 0}
+
+
+def records(flat: list[Any], width: int) -> Iterator[tuple[Any, ...]]:
+    """A batch's flat list back as records of ``width`` items."""
+    items = iter(flat)
+    return zip(*[items] * width, strict=True)
 
 
 CLOCK_SAMPLES = 5  # round trips per worker before its offset is fixed for the run
@@ -189,19 +202,22 @@ class Collector:
             self._held.setdefault(batch["worker"], []).append(batch)
             return
         ledger = self.ledger
-        for sender, conversation, seq, intended_us, sent_us, kind in batch["sends"]:
+        for sender, conversation, seq, intended_us, sent_us, kind in records(
+                batch["sends"], SEND_FIELDS):
             intended_us -= offset
             ledger.record_send(sender, conversation, seq, intended_us, sent_us - offset, kind)
             self._bin(intended_us).sent += 1
-        for conversation, seq, ack_us, server_id in batch.get("acks", ()):
+        for conversation, seq, ack_us, server_id in records(batch.get("acks", []),
+                                                            ACK_FIELDS):
             ledger.record_ack_of(conversation, seq, server_id, ack_us - offset)
-        for conversation, seq, receiver, received_us in batch["receipts"]:
+        for conversation, seq, receiver, received_us in records(batch["receipts"],
+                                                                RECEIPT_FIELDS):
             ledger.record_receipt(conversation, seq, receiver, received_us - offset)
         ledger.counts.forged += batch["forged"]
         ledger.counts.foreign += batch["foreign"]
         health = self.workers.setdefault(batch["worker"], WorkerHealth(host=batch["host"]))
         health.clock = str(batch.get("clock", batch["host"]))
-        health.sends += len(batch["sends"])
+        health.sends += len(batch["sends"]) // SEND_FIELDS
         health.late_sends += batch["late_sends"]
         health.send_lag_max_us = max(health.send_lag_max_us, batch["send_lag_max_us"])
         health.loop_lag_max_us = max(health.loop_lag_max_us, batch["loop_lag_max_us"])

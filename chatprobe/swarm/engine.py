@@ -4,10 +4,10 @@ Locust runs users as gevent greenlets; chatprobe's adapters are asyncio. Greenle
 on the loop: each hands over whole rounds of its script (planned times and bodies, up to a
 second ahead) through a deque and one ``call_soon_threadsafe`` per burst, and the loop's send
 clock (one heap, one timer) stamps and sends each message at its planned time, so no message
-crosses the two threads on its own. The loop thread hands back what it saw
-through deques (atomic appends, no locks shared across the two schedulers, which gevent does
-not support, gevent issue #1739). A flusher greenlet drains the deques into batches for the
-master's collector.
+crosses the two threads on its own. The loop thread hands back what it saw through flat lists
+and deques (atomic extends and appends, no locks shared across the two schedulers, which
+gevent does not support, gevent issue #1739). A flusher greenlet takes them into batches for
+the master's collector.
 """
 
 from __future__ import annotations
@@ -183,9 +183,12 @@ class _Customer:
 class EngineOutput:
     """What the loop thread and the users produced since the last flush."""
 
-    sends: deque[tuple[Any, ...]] = field(default_factory=deque)
-    acks: deque[tuple[Any, ...]] = field(default_factory=deque)
-    receipts: deque[tuple[Any, ...]] = field(default_factory=deque)
+    # Records laid end to end (see collector.empty_batch), not a tuple each: a tuple lives
+    # until the flush, and tens of thousands of them made the young garbage collections
+    # that stalled the chat loop for tens of milliseconds.
+    sends: list[Any] = field(default_factory=list)
+    acks: list[Any] = field(default_factory=list)
+    receipts: list[Any] = field(default_factory=list)
     events: deque[str] = field(default_factory=deque)
     forged: int = 0  # cumulative counters, written by the loop thread only
     foreign: int = 0
@@ -237,7 +240,7 @@ class _Round:
         if lag > out.send_lag_max_us:
             out.send_lag_max_us = lag
         seq = self.index + 1
-        out.sends.append((name, name, seq, intended_us, sent, kind))
+        out.sends.extend((name, name, seq, intended_us, sent, kind))
         self.done = seq
         conversation = self.conversation
         text = codec.stamp_text(body, name, name, seq, intended_us)
@@ -374,15 +377,15 @@ class WorkerEngine:
         out = self.out
         batch = empty_batch(self.worker, self.host)
         batch["clock"] = self.clock_domain
-        sends, receipts, acks = out.sends, out.receipts, out.acks
         # Acks first: every ack taken now belongs to a send made before it, so that send is
         # in this batch or an earlier one (the collector records sends before acks).
-        for _ in range(len(acks)):
-            batch["acks"].append(acks.popleft())
-        for _ in range(len(sends)):
-            batch["sends"].append(sends.popleft())
-        for _ in range(len(receipts)):
-            batch["receipts"].append(receipts.popleft())
+        for key in ("acks", "sends", "receipts"):
+            records = getattr(out, key)
+            # The loop thread only ever extends these, by whole records (an extend by a tuple
+            # holds the interpreter lock throughout): the first `taken` items stay put.
+            taken = len(records)
+            batch[key] = records[:taken]
+            del records[:taken]
         forged, foreign = out.forged, out.foreign  # cumulative, owned by the loop thread
         batch["forged"], self._sent_forged = forged - self._sent_forged, forged
         batch["foreign"], self._sent_foreign = foreign - self._sent_foreign, foreign
@@ -445,7 +448,7 @@ class WorkerEngine:
             elif not stamp.valid:
                 out.forged += 1
             else:
-                receipts.append((stamp.conversation, stamp.seq, agent_id, received))
+                receipts.extend((stamp.conversation, stamp.seq, agent_id, received))
                 if server_id is not None and stamp.seq in reply_kinds:
                     self._maybe_reply(agent_id, stamp.conversation, stamp.seq, server_id,
                                       received)
@@ -469,7 +472,7 @@ class WorkerEngine:
             sender = self._senders[agent_id] = agent_id.replace(":", "_").replace("]", "_")
         text = self.codec.stamp_text(AGENT_REPLIES[seq % len(AGENT_REPLIES)], sender,
                                      reply_conversation, seq, received_us)
-        self.out.sends.append((sender, reply_conversation, seq, received_us, now_us(), kind))
+        self.out.sends.extend((sender, reply_conversation, seq, received_us, now_us(), kind))
 
         client_msg_id = f"{self.codec.run}-r-{conversation}-{seq}"
         try:
@@ -529,7 +532,7 @@ class WorkerEngine:
             conversation = conversations.get(stamp.conversation[:-len(REPLY_SUFFIX)])
             if conversation is None:
                 return
-            receipts.append((stamp.conversation, stamp.seq, receiver, received))
+            receipts.extend((stamp.conversation, stamp.seq, receiver, received))
             conversation.awaiting_replies.discard(stamp.seq)
             if not conversation.awaiting_replies:
                 conversation.replies_done.set()
@@ -702,7 +705,7 @@ class WorkerEngine:
     def _record_unsent(self, name: str, plan: list[Planned], done: int) -> None:
         now = now_us()
         for seq, (intended_us, kind, _) in enumerate(plan[done:], start=done + 1):
-            self.out.sends.append((name, name, seq, intended_us, now, kind))
+            self.out.sends.extend((name, name, seq, intended_us, now, kind))
 
     async def _close_when_answered(self, session: CustomerSession, customer: _Customer,
                                    name: str, conversation: _Conversation) -> None:
@@ -734,7 +737,7 @@ class WorkerEngine:
         """The outcome of a tagged send (who, conversation, seq), as :meth:`_ack_recorder`
         reads a future's."""
         if error is None:
-            self.out.acks.append((tag[1], tag[2], now_us(), server_id))
+            self.out.acks.extend((tag[1], tag[2], now_us(), server_id))
         else:
             self.out.events.append(f"{tag[0]}: message refused: {error}")
 
@@ -752,7 +755,7 @@ class WorkerEngine:
             if exception is not None:
                 self.out.events.append(f"{who}: message refused: {exception}")
             else:
-                acks.append((conversation, seq, now_us(), future.result().server_id))
+                acks.extend((conversation, seq, now_us(), future.result().server_id))
         return record
 
     def _stop_in_loop(self) -> None:
