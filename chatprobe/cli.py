@@ -22,7 +22,13 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 from chatprobe import __version__
-from chatprobe.config import ADMIN_TOKEN_ENV, TargetConfig, load_target, with_overrides
+from chatprobe.config import (
+    ADMIN_TOKEN_ENV,
+    TargetConfig,
+    load_target,
+    positive_float,
+    with_overrides,
+)
 from chatprobe.errors import HarnessError
 from chatprobe.paths import write_json
 from chatprobe.verdict import RunSummary, Status, render_table
@@ -46,16 +52,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
     return value
 
 
@@ -140,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = history.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", type=Path, metavar="FILE", help="canary config")
     where.add_argument("--db", type=Path, metavar="PATH", help="the history store itself")
-    history.add_argument("--stale-after", type=_positive_float, metavar="SECONDS",
+    history.add_argument("--stale-after", type=positive_float, metavar="SECONDS",
                          help="no run for this long means the canary stopped (default: "
                          "the config's stale_after_s, 180)")
     history.add_argument("--failures", type=_positive_int, default=10,
@@ -157,17 +153,17 @@ def _swarm_arguments(parser: argparse.ArgumentParser) -> None:
                         help="promotion shape: a name in fixtures/shapes/ or a YAML file")
     parser.add_argument("--workers", type=_positive_int, default=1,
                         help="Locust worker processes (1: a single local process)")
-    parser.add_argument("--duration", type=_positive_float, metavar="SECONDS",
+    parser.add_argument("--duration", type=positive_float, metavar="SECONDS",
                         help="fit the shape into this many seconds")
     parser.add_argument("--script", default="shopper", help="conversation script")
-    parser.add_argument("--think-scale", type=_positive_float, default=1.0,
+    parser.add_argument("--think-scale", type=positive_float, default=1.0,
                         help="multiply every think time (smaller: more messages/s)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="target config")
     parser.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
                         help=f"back-office token (default: ${ADMIN_TOKEN_ENV}; on the command "
                         "line it is visible to ps)")
-    parser.add_argument("--sla-ms", type=_positive_float)
-    parser.add_argument("--deadline-ms", type=_positive_float)
+    parser.add_argument("--sla-ms", type=positive_float)
+    parser.add_argument("--deadline-ms", type=positive_float)
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
     parser.add_argument("--alluredir", type=Path, metavar="DIR", help="write Allure results")
     parser.add_argument("--csv", metavar="PREFIX", help="also write Locust's CSV files")
@@ -188,15 +184,15 @@ def _probe_arguments(parser: argparse.ArgumentParser, target_required: bool) -> 
                             help="base URL of the chat service, e.g. http://127.0.0.1:8765")
     parser.add_argument("--messages", type=_positive_int, default=200, metavar="N")
     parser.add_argument("--customers", type=_positive_int, default=10, metavar="K")
-    parser.add_argument("--rate", type=_positive_float, default=500.0, metavar="MSG_PER_S",
+    parser.add_argument("--rate", type=positive_float, default=500.0, metavar="MSG_PER_S",
                         help="planned send rate; latency counts from each planned time")
     parser.add_argument("--config", type=Path, metavar="FILE", help="target config "
                         "(default: fixtures/targets/reference.yaml)")
     parser.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
                         help=f"back-office token for message traces (default: "
                         f"${ADMIN_TOKEN_ENV}; on the command line it is visible to ps)")
-    parser.add_argument("--sla-ms", type=_positive_float, help="late after this (default 3000)")
-    parser.add_argument("--deadline-ms", type=_positive_float,
+    parser.add_argument("--sla-ms", type=positive_float, help="late after this (default 3000)")
+    parser.add_argument("--deadline-ms", type=positive_float,
                         help="lost after this (default 10000)")
     parser.add_argument("--run-id", help="stamp run id (default: random)")
     _profile_arguments(parser)

@@ -6,6 +6,7 @@ broken config exits 3 (the probe could not run), never with a traceback.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -28,6 +29,16 @@ ADMIN_TOKEN_ENV = "CHATPROBE_ADMIN_TOKEN"
 # network profile's fault proxy.
 TLS_SERVER_NAME_ENV = "CHATPROBE_TLS_SERVER_NAME"
 
+
+def positive_float(text: str) -> float:
+    """A command-line option's positive, finite number (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
 
 @dataclass(frozen=True)
 class AgentCredential:

@@ -231,3 +231,16 @@ def test_swarm_bad_input_exits_3_with_one_line(args: list[str]) -> None:
     assert result.returncode == 3, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_a_script_without_any_think_time_is_refused_before_the_swarm_starts(
+        tmp_path: Path) -> None:
+    """Each round starts when the one before was planned to end: with no think time at all
+    the rounds would follow each other without pause, as fast as the generator could go."""
+    script = tmp_path / "impatient.yaml"
+    script.write_text("steps:\n  - {kind: greeting, think_s: 0, texts: [hi]}\n"
+                      "  - {kind: question, think_s: 0, texts: [anyone there]}\n")
+    result = chatprobe("swarm", "--target", "http://127.0.0.1:9", "--script", str(script))
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "think_s above 0" in lines[0], lines

@@ -32,6 +32,7 @@ from chatprobe.children import die_with_parent_now
 from chatprobe.config import (
     ADMIN_TOKEN_ENV,
     load_target,
+    positive_float,
     with_inherited_tls_name,
     with_overrides,
 )
@@ -83,7 +84,7 @@ def _options(parser: Any) -> None:
     group.add_argument("--cp-duration", type=float, default=0.0,
                        help="fit the shape into this many seconds (0: as written)")
     group.add_argument("--cp-script", default="shopper", help="conversation script")
-    group.add_argument("--cp-think-scale", type=float, default=1.0,
+    group.add_argument("--cp-think-scale", type=positive_float, default=1.0,
                        help="multiply every think time (shorter = more messages/s)")
     group.add_argument("--cp-reconnect-share", type=float, default=-1.0,
                        help="share of customers whose connection drops once mid-conversation "
@@ -428,9 +429,16 @@ class ChatCustomer(User):
             # A new conversation each round, as a returning customer would start.
             self.round += 1
             plan, drop_after = self._plan_round(script, start)
+            if plan[-1][0] <= start:
+                # Think times scaled to nothing (the web UI takes any number): rounds would
+                # follow each other without pause, as fast as the loop could send them.
+                engine.failure = engine.failure or (
+                    f"the script's think times scaled by {_opts(self.environment).cp_think_scale}"
+                    " add up to 0 s: give --cp-think-scale a positive value")
+                return
             engine.play_round(customer, f"{customer}-{self.round}", plan, drop_after, start)
             intended = plan[-1][0]
-            if intended >= horizon or intended <= start:
+            if intended >= horizon:
                 break
         self.plan_end_us = intended
         # The chat loop paces the rounds; this greenlet wakes to hand over the next ones

@@ -75,6 +75,11 @@ def parse_script(document: Any, source: str) -> Script:
         steps.append(Step(item["kind"], float(think), tuple(texts), expects_reply))
     if not steps:
         raise HarnessError(f"{source}: a conversation script needs at least one step")
+    if not any(step.think_s > 0 for step in steps):
+        # Open model: each round starts when the one before was planned to end, so a round
+        # of no length would be followed by the next at once, without end.
+        raise HarnessError(f"{source}: at least one step needs a think_s above 0 (each "
+                           "round would follow the one before without pause)")
     share = document.get("reconnect_share", 0.0)
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
         raise HarnessError(f"{source}: reconnect_share must be between 0 and 1")
