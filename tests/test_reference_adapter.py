@@ -111,8 +111,10 @@ def test_tagged_sends_tell_their_sink_of_each_ack_refusal_and_the_sessions_end()
                                         sink)
         await answered.wait()  # m-3 is never answered; m-1's second ack is not news
         await customer.close()
+        assert customer.send_tagged("7", "m-4", "after the close", ("t", 4), sink)
         assert outcomes == [(("t", 1), "41", None), (("t", 2), None, Cause.NOT_ACCEPTED),
-                            (("t", 3), None, Cause.DISCONNECTED)]
+                            (("t", 3), None, Cause.DISCONNECTED),
+                            (("t", 4), None, Cause.DISCONNECTED)]
 
     asyncio.run(with_server(script, body))
 

@@ -260,7 +260,8 @@ def test_no_output_of_a_probe_swarm_canary_or_report_run_holds_a_secret(
 
 
 @pytest.mark.parametrize("value, message", [
-    ("not-hex", "must be hex digits"), ("00ff", "must be at least 16 hex digits")])
+    ("not-hex", "must be hex digits"), ("00ff", "must be 16 to 128 hex digits"),
+    ("ab" * 65, "must be 16 to 128 hex digits")])
 def test_a_bad_swarm_stamp_key_is_a_one_line_error(
         monkeypatch: pytest.MonkeyPatch, value: str, message: str) -> None:
     from tests.test_cli import assert_one_line_error, chatprobe

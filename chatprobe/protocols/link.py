@@ -376,13 +376,14 @@ class ReconnectingLink(ABC):
             future.set_exception(error)
         return True
 
-    def send_tagged(self, text: str, client_msg_id: str, tag: Any, sink: AckSink) -> bool:
-        """Send (or hold for the resume while disconnected) a frame whose ack goes to
-        ``sink`` with ``tag`` (see CustomerSession.send_tagged). False when the link is dead:
-        the sink has heard so already."""
-        if self.dead is not None:
-            sink(tag, None, self.dead)
-            return False
+    def send_tagged(self, text: str, client_msg_id: str, tag: Any, sink: AckSink) -> None:
+        """Send (or hold for the resume while disconnected) a frame whose outcome goes to
+        ``sink`` with ``tag``, once (see CustomerSession.send_tagged); on a dead or closing
+        link the sink hears so at once."""
+        if self.dead is not None or self.closing:
+            sink(tag, None, self.dead or TargetError(Cause.DISCONNECTED,
+                                                     "the session was closed"))
+            return
         self.ack_sink = sink
         self.ack_tags[client_msg_id] = tag
         ws = self.ws
@@ -394,7 +395,6 @@ class ReconnectingLink(ABC):
             pass  # disconnected: handshake(resume=True) resends what is unacked
         if self.frames is not None:
             self.frames.append((time.monotonic_ns() // 1000, "out", text))
-        return True
 
     def new_ack(self, key: str) -> asyncio.Future[Ack]:
         future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()

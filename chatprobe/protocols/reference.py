@@ -217,11 +217,11 @@ class _Link(ReconnectingLink):
         return answer
 
     def send_frame_tagged(self, frame: wire.Frame, client_msg_id: str, tag: Any,
-                          sink: AckSink) -> bool:
+                          sink: AckSink) -> None:
         """As send_acked, its ack going to ``sink`` (see CustomerSession.send_tagged)."""
-        if self.dead is None:
+        if self.dead is None and not self.closing:
             self.unacked[client_msg_id] = frame
-        return self.send_tagged(wire.encode(frame), client_msg_id, tag, sink)
+        self.send_tagged(wire.encode(frame), client_msg_id, tag, sink)
 
     def send_acked(self, frame: wire.Frame, client_msg_id: str) -> asyncio.Future[Ack]:
         """Send ``frame`` (or hold it for the resume while disconnected): its ack's future."""

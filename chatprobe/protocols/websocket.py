@@ -3,7 +3,8 @@
 The swarm holds thousands of connections in one thread and handles every frame of every
 message, so the per-frame path matters. websockets' own asyncio connection costs a task
 wake-up, an async iterator step, a lock and an async context manager per frame; here a frame
-is parsed in ``data_received`` and handed to a callback at once, and a send is one write.
+is parsed in ``data_received`` and handed to a callback at once, and a send is one write (or,
+while a burst of incoming frames is handled, one write for the burst's answers at its end).
 The protocol state machine (handshake, closing, every unusual frame) stays websockets',
 which is well kept and tested. Once the connection is open, the frames a chat connection
 carries all day (whole text and binary messages, pings, pongs) are parsed and written here

@@ -472,6 +472,8 @@ class WorkerEngine:
             sender = self._senders[agent_id] = agent_id.replace(":", "_").replace("]", "_")
         text = self.codec.stamp_text(AGENT_REPLIES[seq % len(AGENT_REPLIES)], sender,
                                      reply_conversation, seq, received_us)
+        # Planned for the question's arrival: the reply's latency includes all of the
+        # generator's own wait, up to its write at the end of the agent's burst of frames.
         self.out.sends.extend((sender, reply_conversation, seq, received_us, now_us(), kind))
 
         client_msg_id = f"{self.codec.run}-r-{conversation}-{seq}"

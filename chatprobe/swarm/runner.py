@@ -49,7 +49,7 @@ STAMP_KEY_ENV = "CHATPROBE_SWARM_STAMP_KEY"
 
 
 def check_stamp_key() -> None:
-    """A stamp key given through the environment must be one: 8 bytes or more, in hex."""
+    """A stamp key given through the environment must be one: 8 to 64 bytes, in hex."""
     value = os.environ.get(STAMP_KEY_ENV)
     if not value:
         return
@@ -57,8 +57,8 @@ def check_stamp_key() -> None:
         key = bytes.fromhex(value)
     except ValueError:
         raise HarnessError(f"${STAMP_KEY_ENV} must be hex digits") from None
-    if len(key) < 8:
-        raise HarnessError(f"${STAMP_KEY_ENV} must be at least 16 hex digits (8 bytes)")
+    if not 8 <= len(key) <= 64:  # 64: BLAKE2b's longest key
+        raise HarnessError(f"${STAMP_KEY_ENV} must be 16 to 128 hex digits (8 to 64 bytes)")
 
 @dataclass
 class SwarmOptions:
