@@ -460,6 +460,6 @@ def test_twenty_kills_at_random_points_leave_no_leftovers_and_no_unreadable_stor
             check_json(kill, result)
             if history.exists():
                 assert_store_readable(history)
-        except AssertionError as exc:
-            raise AssertionError(context(f"#{index}: {exc}")) from None
+        except Exception as exc:  # any failure (a store that will not open, too) with the seed
+            raise AssertionError(context(f"#{index}: {type(exc).__name__}: {exc}")) from exc
     print(context(f"{len(kills)} kills in {time.monotonic() - started_all:.1f} s"))
