@@ -30,7 +30,7 @@ from chatprobe.protocols.base import (
     adapter_for,
 )
 from chatprobe.stamp import StampCodec
-from chatprobe.verdict import RunSummary
+from chatprobe.verdict import LATE_SEND_US, RunSummary
 
 PRODUCTS = ("down jacket", "running shoes", "rice cooker", "phone case", "silk scarf",
             "coffee beans", "kids' backpack", "bluetooth speaker")
@@ -81,12 +81,52 @@ def now_us() -> int:
 
 
 @dataclass
+class _SelfWatch:
+    """The probe's own share of the numbers (measurement.md, rules 3 and 8): how late its
+    loop ran, how late its sends left their plan, how busy its process was. Reported in the
+    document and the summary; unlike a swarm's, they do not mark the run invalid."""
+
+    sends: int = 0
+    late_sends: int = 0
+    send_lag_max_us: int = 0
+    loop_lag_max_us: int = 0
+    started_cpu_s: float = field(default_factory=time.process_time)
+    started_s: float = field(default_factory=time.monotonic)
+
+    def sent(self, intended_us: int, sent_us: int) -> None:
+        self.sends += 1
+        lag = sent_us - intended_us
+        if lag > LATE_SEND_US:
+            self.late_sends += 1
+        if lag > self.send_lag_max_us:
+            self.send_lag_max_us = lag
+
+    async def watch_loop(self) -> None:
+        """How late the loop runs a 100 ms timer: the generator's delay, not the target's."""
+        while True:
+            before = now_us()
+            await asyncio.sleep(0.1)
+            lag = now_us() - before - 100_000
+            if lag > self.loop_lag_max_us:
+                self.loop_lag_max_us = lag
+
+    def report(self, summary: RunSummary) -> None:
+        wall_s = time.monotonic() - self.started_s
+        cpu = 100 * (time.process_time() - self.started_cpu_s) / wall_s if wall_s > 0 else 0.0
+        summary.generator = {"probe": {
+            "cpu_percent": round(cpu, 1), "loop_lag_max_ms": round(self.loop_lag_max_us / 1000, 3),
+            "late_sends": self.late_sends, "sends": self.sends,
+            "send_lag_max_ms": round(self.send_lag_max_us / 1000, 3)}}
+
+
+@dataclass
 class _RunState:
     ledger: Ledger
     arrived: asyncio.Event
     events: Counter[str] = field(default_factory=Counter)
     dead_customers: dict[str, TargetError] = field(default_factory=dict)
     disconnected: set[str] = field(default_factory=set)
+    watch: _SelfWatch = field(default_factory=_SelfWatch)
 
 
 async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions,
@@ -120,6 +160,9 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
             ledger.expect_receivers(f"c{i}", probe_agents)
         if hooks.after_open is not None:
             await hooks.after_open(conversations)
+        # From the first send on: logging in and opening wait for the target, not for us.
+        state.watch = _SelfWatch()
+        watcher = asyncio.get_running_loop().create_task(state.watch.watch_loop())
         try:
             await _send_all(options, customers, conversations, state, hooks)
             await _wait_for_outcomes(state, agents, options)
@@ -131,6 +174,9 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
             summary.harness_error = ("interrupted before every message had its outcome; "
                                      "the results are partial")
             return summary
+        finally:
+            watcher.cancel()
+            state.watch.report(summary)
         ledger.finish()
         await _explain(agent_adapter, config, options, state, agents, conversations,
                        summary, customers)
@@ -234,8 +280,10 @@ async def _send_all(options: ProbeOptions, customers: list[CustomerSession],
         name = f"c{i}"
         if name in state.dead_customers:
             continue
+        sent_us = now_us()
+        state.watch.sent(intended, sent_us)
         text, record = ledger.stamp_and_record(customer_body(rng), name, name, intended,
-                                               now_us())
+                                               sent_us)
         try:
             future = await customers[i].send(conversations[i].id,
                                               f"{run}-{name}-{record.seq}", text)

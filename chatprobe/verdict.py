@@ -25,6 +25,14 @@ class Status(IntEnum):
     UNKNOWN = 3
 
 
+# When the generator's own numbers cannot be trusted (a swarm's and a probe's alike). Sends
+# later than this behind their intended time mean the generator fell behind its plan:
+LATE_SEND_US = 50_000
+CPU_LIMIT_PERCENT = 90.0
+LOOP_LAG_LIMIT_US = 100_000
+LATE_SEND_LIMIT_SHARE = 0.01
+
+
 @dataclass
 class Thresholds:
     p99_warning_ms: float | None = None
@@ -47,6 +55,9 @@ class RunSummary:
     duration_s: float = 0.0
     harness_error: str | None = None
     partial: bool = False  # stopped (SIGINT/SIGTERM) before every message had its outcome
+    # What the generator measured of itself, by process (a probe's; a swarm's collector
+    # writes its workers' into the document itself).
+    generator: dict[str, Any] | None = None
 
     def status(self, thresholds: Thresholds | None = None) -> Status:
         if self.harness_error is not None:
@@ -113,7 +124,7 @@ class RunSummary:
             "harness_error": self.harness_error,
             "partial": self.partial,
             "pending": counts.pending,
-        }
+        } | ({"generator": self.generator} if self.generator is not None else {})
 
 
 def _latency_line(lat: dict[str, Any], clock_uncertainty_ms: float | None) -> str:
@@ -157,6 +168,11 @@ def render_table(doc: dict[str, Any]) -> str:
     if doc["events"]:
         events = ", ".join(f"{k} {v}" for k, v in sorted(doc["events"].items()))
         lines.append(f"  connection events: {events}")
+    for name, generator in sorted((doc.get("generator") or {}).items()):
+        if generator.get("late_sends"):
+            lines.append(f"  generator {name}: {generator['late_sends']} of "
+                         f"{generator['sends']} sends left more than {LATE_SEND_US // 1000} ms "
+                         f"after their plan (their latency counts from the plan)")
     if doc.get("partial"):
         lines.append(f"  RUN PARTIAL: stopped before every message had its outcome; "
                      f"{doc.get('pending', 0)} still pending (neither delivered nor lost)")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 from chatprobe.probe import ProbeHooks, ProbeOptions, run_probe
-from chatprobe.verdict import RunSummary, Status
+from chatprobe.verdict import RunSummary, Status, render_table
 from tests.conftest import ServiceProcess, scaled
 
 
@@ -34,6 +35,26 @@ def test_clean_run_2000_messages_from_20_customers(reference_service: ServicePro
     stats = reference_service.stats()
     assert stats["accepted"] == 2000
     assert stats["pushed"] == 2000
+
+
+def test_a_stall_of_the_probes_own_loop_shows_in_its_generator_numbers(
+        reference_service: ServiceProcess) -> None:
+    """Rule 8 of measurement.md: the harness watches itself. A probe whose loop is blocked
+    (here for 250 ms after its 20th send, the fault this test injects) reports the stall
+    and the sends it made late, apart from what it measured of the target."""
+    async def stall_once(count: int) -> None:
+        if count == 20:
+            time.sleep(0.25)  # blocks the probe's own loop: the injected fault
+
+    summary = probe(reference_service, 100, 5, rate=1000.0,
+                    hooks=ProbeHooks(after_send=stall_once))
+    doc = summary.to_json()
+    generator = doc["generator"]["probe"]
+    assert generator["sends"] == 100
+    # Lower bounds: a busy machine only adds to them.
+    assert generator["loop_lag_max_ms"] >= 100, generator
+    assert generator["late_sends"] >= 1 and generator["send_lag_max_ms"] >= 200, generator
+    assert "generator probe: " in render_table(doc)
 
 
 def test_loss_duplicates_and_reordering_equal_service_counters(

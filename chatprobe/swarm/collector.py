@@ -18,13 +18,14 @@ from typing import Any
 from chatprobe.histogram import LatencyHistogram
 from chatprobe.ledger import Ledger, MessageRecord, Outcome, stamp_fields
 from chatprobe.stamp import StampCodec
-from chatprobe.verdict import RunSummary
+from chatprobe.verdict import (
+    CPU_LIMIT_PERCENT,
+    LATE_SEND_LIMIT_SHARE,
+    LATE_SEND_US,
+    LOOP_LAG_LIMIT_US,
+    RunSummary,
+)
 
-# Sends later than this behind their intended time mean the generator fell behind its plan.
-LATE_SEND_US = 50_000
-CPU_LIMIT_PERCENT = 90.0
-LOOP_LAG_LIMIT_US = 100_000
-LATE_SEND_LIMIT_SHARE = 0.01
 EXAMPLES_SHOWN = 20  # of each: lost, late
 # `chatprobe swarm` names a file here and creates it when SIGINT or SIGTERM stops the run
 # (before it asks Locust to quit), so the master's summary is marked partial.

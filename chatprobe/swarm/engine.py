@@ -36,8 +36,9 @@ from chatprobe.protocols.base import (
 )
 from chatprobe.protocols.link import SeenIds
 from chatprobe.stamp import StampCodec
-from chatprobe.swarm.collector import LATE_SEND_US, empty_batch
+from chatprobe.swarm.collector import empty_batch
 from chatprobe.swarm.scripts import AGENT_REPLIES, Script
+from chatprobe.verdict import LATE_SEND_US
 
 REPLY_SUFFIX = ">r"  # an agent's reply travels in its own stamped conversation
 # A planned message: (intended time µs, script step kind, body).
