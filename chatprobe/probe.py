@@ -30,6 +30,7 @@ from chatprobe.protocols.base import (
     adapter_for,
 )
 from chatprobe.stamp import StampCodec
+from chatprobe.swarm.engine import watch_loop_lag
 from chatprobe.verdict import LATE_SEND_US, RunSummary
 
 PRODUCTS = ("down jacket", "running shoes", "rice cooker", "phone case", "silk scarf",
@@ -101,14 +102,9 @@ class _SelfWatch:
         if lag > self.send_lag_max_us:
             self.send_lag_max_us = lag
 
-    async def watch_loop(self) -> None:
-        """How late the loop runs a 100 ms timer: the generator's delay, not the target's."""
-        while True:
-            before = now_us()
-            await asyncio.sleep(0.1)
-            lag = now_us() - before - 100_000
-            if lag > self.loop_lag_max_us:
-                self.loop_lag_max_us = lag
+    def lagged(self, lag_us: int) -> None:
+        if lag_us > self.loop_lag_max_us:
+            self.loop_lag_max_us = lag_us
 
     def report(self, summary: RunSummary) -> None:
         wall_s = time.monotonic() - self.started_s
@@ -162,7 +158,7 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
             await hooks.after_open(conversations)
         # From the first send on: logging in and opening wait for the target, not for us.
         state.watch = _SelfWatch()
-        watcher = asyncio.get_running_loop().create_task(state.watch.watch_loop())
+        watcher = asyncio.get_running_loop().create_task(watch_loop_lag(state.watch.lagged))
         try:
             await _send_all(options, customers, conversations, state, hooks)
             await _wait_for_outcomes(state, agents, options)

@@ -350,28 +350,24 @@ class ReconnectingLink(ABC):
         if future is not None:
             if not future.done():
                 future.set_result(ack)
-        elif self.ack_tags and (tag := self.ack_tags.pop(key, _UNTAGGED)) is not _UNTAGGED:
-            assert self.ack_sink is not None
-            self.ack_sink(tag, ack.server_id, None)
+        else:
+            self.settle_tagged(key, ack.server_id)
 
-    def ack_tagged(self, key: str, server_id: str) -> bool:
-        """The ack of a tagged send goes to the sink; False: ``key`` was not tagged."""
+    def settle_tagged(self, key: str, server_id: str | None,
+                      error: TargetError | None = None) -> bool:
+        """A tagged send's ack (its ``server_id``) or refusal (``error``) goes to the sink;
+        False: ``key`` was not tagged."""
         tag = self.ack_tags.pop(key, _UNTAGGED)
         if tag is _UNTAGGED:
             return False
         assert self.ack_sink is not None
-        self.ack_sink(tag, server_id, None)
+        self.ack_sink(tag, server_id, error)
         return True
 
     def refuse_ack(self, key: str, error: TargetError) -> bool:
         future = self.ack_futures.pop(key, None)
         if future is None:
-            tag = self.ack_tags.pop(key, _UNTAGGED)
-            if tag is _UNTAGGED:
-                return False
-            assert self.ack_sink is not None
-            self.ack_sink(tag, None, error)
-            return True
+            return self.settle_tagged(key, None, error)
         if not future.done():
             future.set_exception(error)
         return True

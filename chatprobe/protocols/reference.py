@@ -131,20 +131,28 @@ class _Link(ReconnectingLink):
             await ws.send(wire.encode(pending))
 
     def on_raw(self, raw: str | bytes) -> None:
-        # wire.decode inlined for the frames of every message; anything odd goes to it for
-        # its one-line reason.
         try:
-            frame = _loads(raw) if type(raw) is str else None
-            kind = frame.get("type") if type(frame) is dict else None
-        except orjson.JSONDecodeError:
-            kind = None
-        if type(kind) is not str:
+            frame = wire.decode(raw)
+        except wire.ProtocolError as exc:
+            raise TargetError(Cause.PROTOCOL, f"bad frame from target: {exc}") from None
+        self._on_frame(frame)
+
+    def _dispatch(self, raw: str | bytes) -> None:
+        # Every frame of every message passes here: a well-formed one is decoded once, inline,
+        # and handled; anything odd (and frames kept as evidence) goes the generic way, to
+        # on_raw and its one-line reason.
+        if type(raw) is str and self.frames is None and self.dead is None:
             try:
-                wire.decode(raw)
-            except wire.ProtocolError as exc:
-                raise TargetError(Cause.PROTOCOL, f"bad frame from target: {exc}") from None
-            raise TargetError(Cause.PROTOCOL, "bad frame from target")  # not reached
-        assert frame is not None
+                frame = _loads(raw)
+            except orjson.JSONDecodeError:
+                frame = None
+            if type(frame) is dict and type(frame.get("type")) is str:
+                self.guarded(self._on_frame, frame)
+                return
+        super()._dispatch(raw)
+
+    def _on_frame(self, frame: wire.Frame) -> None:
+        kind = frame["type"]
         if kind == "ack":
             self._on_ack_frame(frame)
             return
@@ -170,28 +178,10 @@ class _Link(ReconnectingLink):
         if waiter is not None and not waiter.done():
             waiter.set_result(frame)
 
-    def _dispatch(self, raw: str | bytes) -> None:
-        # The frames of every message, acks and messages, go straight from here (a call or
-        # two less each than through on_raw); the rest, and anything odd, the generic way.
-        if type(raw) is str and self.frames is None and self.dead is None:
-            try:
-                frame = _loads(raw)
-            except orjson.JSONDecodeError:
-                frame = None
-            if type(frame) is dict:
-                kind = frame.get("type")
-                if kind == "ack":
-                    self.guarded(self._on_ack_frame, frame)
-                    return
-                if kind == "message":
-                    self.guarded(self._on_message_frame, frame)
-                    return
-        super()._dispatch(raw)
-
     def _on_ack_frame(self, frame: wire.Frame) -> None:
         key = str(frame.get("client_msg_id"))
         self.unacked.pop(key, None)
-        if not self.ack_tagged(key, str(frame.get("id"))):
+        if not self.settle_tagged(key, str(frame.get("id"))):
             self.resolve_ack(key, Ack(str(frame.get("id")), frame.get("ts")))
 
     def _on_message_frame(self, frame: wire.Frame) -> None:

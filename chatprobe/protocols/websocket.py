@@ -397,12 +397,7 @@ class WebSocket(Inbox, asyncio.Protocol):
             protocol.send_text(message.encode())
             self._flush()
         else:
-            frame = client_frame(FIN_TEXT, message.encode())
-            held = self._held
-            if held is not None:
-                held.append(frame)
-            else:
-                transport.write(frame)
+            self._write(client_frame(FIN_TEXT, message.encode()))
 
     async def send(self, message: str) -> None:
         self.send_now(message)

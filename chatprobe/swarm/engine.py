@@ -59,6 +59,15 @@ def now_us() -> int:
     return time.monotonic_ns() // 1000
 
 
+async def watch_loop_lag(record: Callable[[int], None]) -> None:
+    """Forever: how late the running loop fires a 100 ms timer (µs), handed to ``record``:
+    the generator's own delay, not the target's."""
+    while True:
+        before = now_us()
+        await asyncio.sleep(0.1)
+        record(now_us() - before - 100_000)
+
+
 def start_real_thread(target: Callable[[], None]) -> None:
     """An OS thread even when gevent has monkey-patched `threading` (Locust does)."""
     try:
@@ -129,12 +138,11 @@ class LoopThread:
         """How late the loop runs a 100 ms timer: the generator's own delay, not the target's.
         The first second (imports, first connections) is warm-up, not measured."""
         await asyncio.sleep(1.0)
-        while True:
-            before = now_us()
-            await asyncio.sleep(0.1)
-            lag = now_us() - before - 100_000
-            if lag > self.lag_max_us:
-                self.lag_max_us = lag
+        await watch_loop_lag(self._lagged)
+
+    def _lagged(self, lag_us: int) -> None:
+        if lag_us > self.lag_max_us:
+            self.lag_max_us = lag_us
 
     def wait_ready(self, sleep: Callable[[float], None], timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -304,7 +312,6 @@ class WorkerEngine:
         self.thread = LoopThread()
         self.adapter: Adapter | None = None
         self.agent_adapter: Adapter | None = None
-        self.script = script
         # The messages an agent answers, by their number in the conversation: the kind its
         # reply is reported under.
         self.reply_kinds: dict[int, str] = {} if script is None else {
@@ -450,19 +457,20 @@ class WorkerEngine:
                 out.forged += 1
             else:
                 receipts.extend((stamp.conversation, stamp.seq, agent_id, received))
-                if server_id is not None and stamp.seq in reply_kinds:
-                    self._maybe_reply(agent_id, stamp.conversation, stamp.seq, server_id,
-                                      received)
+                kind = reply_kinds.get(stamp.seq)
+                if server_id is not None and kind is not None:
+                    self._maybe_reply(agent_id, stamp.conversation, stamp.seq, kind,
+                                      server_id, received)
 
         return on_receive
 
-    def _maybe_reply(self, agent_id: str, conversation: str, seq: int, server_id: str,
-                     received_us: int) -> None:
-        """Answer at once where the script expects a reply: the reply is a stamped message
-        of its own (agent -> customer), planned for the moment the question arrived."""
-        kind = self.reply_kinds.get(seq)
+    def _maybe_reply(self, agent_id: str, conversation: str, seq: int, kind: str,
+                     server_id: str, received_us: int) -> None:
+        """Answer at once a message the script expects a reply to (its reply ``kind``): the
+        reply is a stamped message of its own (agent -> customer), planned for the moment the
+        question arrived."""
         agent = self.agent_by_id.get(agent_id)
-        if kind is None or agent is None:
+        if agent is None:
             return
         if not self._replied.first_time((conversation, seq)):
             return  # a duplicate of a question already answered: a person answers once

@@ -40,10 +40,6 @@ class Script:
     # Share of customers whose connection drops once mid-conversation (mobile users).
     reconnect_share: float = 0.0
 
-    def step_for_seq(self, seq: int) -> Step | None:
-        """Each conversation runs the script once, so its n-th message is step n."""
-        return self.steps[seq - 1] if 0 < seq <= len(self.steps) else None
-
     def body(self, step: Step, rng: random.Random) -> str:
         return rng.choice(step.texts).format(
             product=rng.choice(PRODUCTS), size=rng.choice(SIZES),
