@@ -1,7 +1,8 @@
 """Benchmark (not a test): the pure core's cost per message, stamp + ledger record + match.
 
 Run: .venv/bin/python benchmarks/bench_core.py [--messages N]
-Prints microseconds per message for each step and the total against the 10 µs target.
+Prints microseconds per message for each step and the total against the 10 µs target, and
+what an agent's bounded memory of its messages costs per message once it is full.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import time
 
 from chatprobe.ledger import Ledger
+from chatprobe.protocols.link import REPLY_MEMORY, RecentMap
 from chatprobe.stamp import StampCodec
 
 TARGET_US = 10.0
@@ -40,6 +42,19 @@ def bench(messages: int, conversations: int) -> dict[str, float]:
             "total": send_us + receive_us + expire_us}
 
 
+def reply_memory_at_its_bound(messages: int) -> float:
+    """µs per message an agent's memory of its messages' conversations costs once full (it
+    grows with every message an agent receives, for the whole run)."""
+    memory: RecentMap[str, int] = RecentMap(REPLY_MEMORY)
+    for i in range(REPLY_MEMORY):
+        memory.remember(str(i), i)
+    keys = [str(i) for i in range(REPLY_MEMORY, REPLY_MEMORY + messages)]
+    t0 = time.perf_counter_ns()
+    for i, key in enumerate(keys):
+        memory.remember(key, i)
+    return (time.perf_counter_ns() - t0) / 1000 / messages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=200_000)
@@ -58,6 +73,8 @@ def main() -> None:
     verdict = "within" if ratio <= 1 else "OVER"
     print(f"total / target ({TARGET_US:g} µs) = {ratio:.2f}  ({verdict} target; "
           f"{1e6 / best['total']:,.0f} messages/s on one core)")
+    print(f"an agent's reply memory, full ({REPLY_MEMORY:,} ids): "
+          f"{reply_memory_at_its_bound(args.messages):.2f} µs/message")
 
 
 if __name__ == "__main__":

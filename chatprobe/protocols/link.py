@@ -13,9 +13,9 @@ import contextlib
 import ssl
 import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -100,6 +100,29 @@ class SeenIds:
         if len(self._order) > self.limit:
             self._ids.discard(self._order.popleft())
         return True
+
+
+# Message ids an agent remembers the conversation (room, sender) of, to answer them.
+REPLY_MEMORY = 100_000
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class RecentMap(OrderedDict[K, V]):
+    """A mapping that keeps its newest ``limit`` entries (an agent's memory of which
+    conversation each message it received was in, for its replies). Not a plain dict
+    evicting with ``del d[next(iter(d))]``: CPython leaves the deleted entries at the front
+    until the next resize and walks them on every call, about 78 µs per message once 100,000
+    entries are kept."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, key: K, value: V) -> None:
+        self[key] = value
+        if len(self) > self.limit:
+            self.popitem(last=False)
 
 
 # What a request waiting for its answer gets when its connection is lost: ask again.

@@ -46,7 +46,7 @@ from chatprobe.protocols.base import (
     OnReceive,
     register,
 )
-from chatprobe.protocols.link import PERMANENT, SeenIds, tls_error
+from chatprobe.protocols.link import PERMANENT, REPLY_MEMORY, RecentMap, SeenIds, tls_error
 
 API = "/_matrix/client/v3"
 
@@ -71,7 +71,8 @@ class _Client:
         self.user_id = ""
         self.since: str | None = None
         self.seen = SeenIds()
-        self.room_of: dict[str, str] = {}  # event id -> room, to answer a message
+        # Event id -> room, to answer a message.
+        self.room_of: RecentMap[str, str] = RecentMap(REPLY_MEMORY)
         self.dead: TargetError | None = None
         self.members: dict[str, set[str]] = {}  # room -> joined user ids seen in sync
         self.member_changed = asyncio.Event()
@@ -196,9 +197,7 @@ class _Client:
                     body = event.get("content", {}).get("body")
                     event_id = event.get("event_id", "")
                     if isinstance(body, str) and self.seen.first_time(event_id):
-                        self.room_of[event_id] = room_id
-                        if len(self.room_of) > 100_000:
-                            del self.room_of[next(iter(self.room_of))]
+                        self.room_of.remember(event_id, room_id)
                         self.on_receive(body, event_id)
         if self.auto_join:
             for room_id in rooms.get("invite", {}):

@@ -31,7 +31,7 @@ from chatprobe.protocols.base import (
     OnReceive,
     register,
 )
-from chatprobe.protocols.link import ReconnectingLink, SeenIds
+from chatprobe.protocols.link import REPLY_MEMORY, RecentMap, ReconnectingLink, SeenIds
 from chatprobe.protocols.websocket import MessageSocket
 
 _loads = orjson.loads
@@ -90,7 +90,7 @@ class _Link(ReconnectingLink):
     """One reference-protocol client connection: hello/welcome, acks, resume by message id."""
 
     def __init__(self, adapter: ReferenceAdapter, hello: wire.Frame, on_receive: OnReceive,
-                 on_event: OnEvent, conversation_of: dict[str, int] | None = None) -> None:
+                 on_event: OnEvent, conversation_of: RecentMap[str, int] | None = None) -> None:
         """``conversation_of``: an agent's memory of which conversation each message it
         received was in (message id -> conversation), for its replies."""
         super().__init__(adapter.ws_url, adapter.config, on_event,
@@ -195,11 +195,8 @@ class _Link(ReconnectingLink):
         if type(text) is not str:
             return
         server_id = str(message_id)
-        conversation_of = self.conversation_of
-        if conversation_of is not None:
-            conversation_of[server_id] = frame.get("conversation", 0)
-            if len(conversation_of) > REPLY_MEMORY:
-                del conversation_of[next(iter(conversation_of))]
+        if self.conversation_of is not None:
+            self.conversation_of.remember(server_id, frame.get("conversation", 0))
         self.on_receive(text, server_id)
 
     async def request(self, frame: wire.Frame, reply_type: str, ref: str) -> wire.Frame:
@@ -321,9 +318,6 @@ class _ReferenceAgent(AgentSession):
         await self.link.close()
 
 
-REPLY_MEMORY = 100_000  # message ids an agent remembers the conversation of, for replies
-
-
 @register
 class ReferenceAdapter(Adapter):
     name = "reference"
@@ -352,7 +346,7 @@ class ReferenceAdapter(Adapter):
         hello = {"type": "hello", "role": "agent", "shop": self.config.shop,
                  "agent": credential.id, "token": credential.token,
                  "client_version": self.config.client_version}
-        conversation_of: dict[str, int] = {}
+        conversation_of: RecentMap[str, int] = RecentMap(REPLY_MEMORY)
         link = _Link(self, hello, on_receive, on_event, conversation_of)
         await link.start()
         profile: dict[str, Any] = link.welcome.get("profile") or {}

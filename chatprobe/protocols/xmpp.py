@@ -41,7 +41,7 @@ from chatprobe.protocols.base import (
     OnReceive,
     register,
 )
-from chatprobe.protocols.link import ReconnectingLink, SeenIds
+from chatprobe.protocols.link import REPLY_MEMORY, RecentMap, ReconnectingLink, SeenIds
 from chatprobe.protocols.websocket import MessageSocket
 
 NS_FRAMING = "urn:ietf:params:xml:ns:xmpp-framing"
@@ -52,7 +52,6 @@ NS_CLIENT = "jabber:client"
 NS_STREAMS = "http://etherx.jabber.org/streams"
 NS_PING = "urn:xmpp:ping"
 STANZAS = ("message", "presence", "iq")
-REPLY_MEMORY = 100_000
 
 
 def _tag(ns: str, name: str) -> str:
@@ -102,7 +101,8 @@ class _XmppLink(ReconnectingLink):
         self.index_to_id: dict[int, str] = {}
         self.unacked: dict[str, str] = {}  # client id -> stanza, in send order
         self.seen = SeenIds()
-        self.sender_of: dict[str, str] = {}  # message id -> bare JID, to answer it
+        # Message id -> full JID, to answer it.
+        self.sender_of: RecentMap[str, str] = RecentMap(REPLY_MEMORY)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _open_element(self) -> str:
@@ -236,9 +236,7 @@ class _XmppLink(ReconnectingLink):
             return  # resent by a reconnecting client after the original got through
         if client_id:
             # The full JID: accounts are shared, so the bare JID could reach another session.
-            self.sender_of[client_id] = element.get("from", sender)
-            if len(self.sender_of) > REPLY_MEMORY:
-                del self.sender_of[next(iter(self.sender_of))]
+            self.sender_of.remember(client_id, element.get("from", sender))
         self.on_receive(body.text, client_id or None)
 
     def _acked_up_to(self, handled: int) -> None:
