@@ -81,11 +81,17 @@ def now_us() -> int:
     return time.monotonic_ns() // 1000
 
 
+# The probe's loop-lag timer: a stall shorter than this may go unseen, so the probe never
+# claims its timestamps were held back by less (a finer grain than a swarm's 100 ms: here
+# it bounds the band of lateness the probe cannot tell from its own).
+LAG_WATCH_PERIOD_US = 20_000
+
+
 @dataclass
 class _SelfWatch:
     """The probe's own share of the numbers (measurement.md, rules 3 and 8): how late its
-    loop ran, how late its sends left their plan, how busy its process was. Reported in the
-    document and the summary; unlike a swarm's, they do not mark the run invalid."""
+    loop ran, how late its sends left their plan, how busy its process was. Its worst delay
+    makes a verdict UNKNOWN when it could explain it (RunSummary.own_delay_reasons)."""
 
     sends: int = 0
     late_sends: int = 0
@@ -106,13 +112,18 @@ class _SelfWatch:
         if lag_us > self.loop_lag_max_us:
             self.loop_lag_max_us = lag_us
 
+    def own_delay_us(self) -> int:
+        """The most the probe may have held back any timestamp of its own."""
+        return max(self.send_lag_max_us, self.loop_lag_max_us + LAG_WATCH_PERIOD_US)
+
     def report(self, summary: RunSummary) -> None:
         wall_s = time.monotonic() - self.started_s
         cpu = 100 * (time.process_time() - self.started_cpu_s) / wall_s if wall_s > 0 else 0.0
         summary.generator = {"probe": {
             "cpu_percent": round(cpu, 1), "loop_lag_max_ms": round(self.loop_lag_max_us / 1000, 3),
             "late_sends": self.late_sends, "sends": self.sends,
-            "send_lag_max_ms": round(self.send_lag_max_us / 1000, 3)}}
+            "send_lag_max_ms": round(self.send_lag_max_us / 1000, 3),
+            "own_delay_max_ms": round(self.own_delay_us() / 1000, 3)}}
 
 
 @dataclass
@@ -158,7 +169,8 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
             await hooks.after_open(conversations)
         # From the first send on: logging in and opening wait for the target, not for us.
         state.watch = _SelfWatch()
-        watcher = asyncio.get_running_loop().create_task(watch_loop_lag(state.watch.lagged))
+        watcher = asyncio.get_running_loop().create_task(
+            watch_loop_lag(state.watch.lagged, LAG_WATCH_PERIOD_US))
         try:
             await _send_all(options, customers, conversations, state, hooks)
             await _wait_for_outcomes(state, agents, options)
@@ -176,6 +188,7 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
         ledger.finish()
         await _explain(agent_adapter, config, options, state, agents, conversations,
                        summary, customers)
+        _own_delay_evidence(summary, ledger, state.watch)
     finally:
         for agent_session in agents.values():
             await agent_session.close()
@@ -186,6 +199,16 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
             await agent_adapter.close()
         summary.duration_s = time.monotonic() - started
     return summary
+
+
+def _own_delay_evidence(summary: RunSummary, ledger: Ledger, watch: _SelfWatch) -> None:
+    """What the verdict needs to tell the probe's own delay from the target's."""
+    summary.own_delay_us = watch.own_delay_us()
+    summary.late_max_us = max((r.first_receipt_us - r.intended_us for r in ledger.late_records
+                               if r.first_receipt_us is not None), default=None)
+    summary.lost_seen_at_us = [None if r.first_receipt_us is None
+                               else r.first_receipt_us - r.intended_us
+                               for r in ledger.lost_records]
 
 
 async def _login_agents(adapter: Adapter, config: TargetConfig, state: _RunState,

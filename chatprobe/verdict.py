@@ -2,7 +2,8 @@
 
 Exit codes follow the monitoring convention (measurement.md): 0 OK, 1 WARNING (late,
 duplicates, reordering, slow p99), 2 CRITICAL (loss, misrouting, forgery, no delivery, a
-broken target), 3 UNKNOWN (the harness could not run).
+broken target), 3 UNKNOWN (the harness could not run, or could not tell its own delay from
+the target's).
 """
 
 from __future__ import annotations
@@ -58,8 +59,49 @@ class RunSummary:
     # What the generator measured of itself, by process (a probe's; a swarm's collector
     # writes its workers' into the document itself).
     generator: dict[str, Any] | None = None
+    # A probe's worst own delay on any of its timestamps (its loop's stalls, its late sends),
+    # in µs; None when not watched (a swarm's document judges its workers itself). With it,
+    # what tells the probe's delay from the target's: the latency of the slowest late
+    # message, and for each lost message the latency it turned up at after all (None: never).
+    own_delay_us: int | None = None
+    late_max_us: int | None = None
+    lost_seen_at_us: list[int | None] = field(default_factory=list)
 
     def status(self, thresholds: Thresholds | None = None) -> Status:
+        if self.own_delay_reasons(thresholds):
+            return Status.UNKNOWN
+        return self._status_of_target(thresholds)
+
+    def own_delay_reasons(self, thresholds: Thresholds | None = None) -> list[str]:
+        """Why the verdict may be the probe's own doing (measurement.md, rule 8; a harness
+        fault must never be reported as the product's): empty unless the probe's worst own
+        delay could have made every late message late, every lost one lost, or the p99 cross
+        the threshold it is judged by. A shorter stall leaves the verdict standing."""
+        delay = self.own_delay_us
+        status = self._status_of_target(thresholds)
+        if delay is None or status in (Status.OK, Status.UNKNOWN) or self.fatal is not None:
+            return []
+        counts = self.counts
+        if status is Status.CRITICAL:
+            deadline_us = self.deadline_ms * 1000
+            if counts.misrouted or counts.forged or not counts.lost or any(
+                    seen is None or seen - delay > deadline_us for seen in self.lost_seen_at_us):
+                return []
+            what = (f"its {counts.lost} lost messages all turned up, within {delay / 1000:g} "
+                    "ms of their deadline")
+        else:
+            limit = thresholds.p99_warning_ms if thresholds else None
+            if counts.duplicate or counts.reordered or (
+                    self.late_max_us is not None
+                    and self.late_max_us - delay > self.sla_ms * 1000) or (
+                    limit is not None and self.latency.count
+                    and self.latency.percentile_us(99.0) - delay > limit * 1000):
+                return []
+            what = "no message was late by more than that"
+        return [f"the probe's own loop held its timestamps back by up to {delay / 1000:g} ms "
+                f"and {what}: its {status.name} may be its own delay, not the target's"]
+
+    def _status_of_target(self, thresholds: Thresholds | None) -> Status:
         if self.harness_error is not None:
             return Status.UNKNOWN
         counts = self.counts
@@ -95,6 +137,9 @@ class RunSummary:
     def to_json(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
         counts = self.counts
         status = self.status(thresholds)
+        own_delay = {} if self.own_delay_us is None else {
+            "valid": not self.own_delay_reasons(thresholds),
+            "invalid_reasons": self.own_delay_reasons(thresholds)}
         return {
             "run": self.run,
             "target": self.target,
@@ -124,7 +169,7 @@ class RunSummary:
             "harness_error": self.harness_error,
             "partial": self.partial,
             "pending": counts.pending,
-        } | ({"generator": self.generator} if self.generator is not None else {})
+        } | ({"generator": self.generator} if self.generator is not None else {}) | own_delay
 
 
 def _latency_line(lat: dict[str, Any], clock_uncertainty_ms: float | None) -> str:

@@ -57,6 +57,32 @@ def test_a_stall_of_the_probes_own_loop_shows_in_its_generator_numbers(
     assert "generator probe: " in render_table(doc)
 
 
+def test_lateness_of_the_probes_own_making_is_unknown_and_the_targets_is_a_warning(
+        reference_service: ServiceProcess) -> None:
+    """Harness faults are never reported as the product's (measurement.md, exit codes). A
+    probe whose own loop is blocked for 1.5 s after its 20th send (the injected fault) finds
+    its messages late by about that much against a 1 s SLA: it cannot tell that from the
+    target, so it says UNKNOWN (exit 3), not WARNING. The same lateness made by the target
+    (a 1.5 s push delay, the probe's loop free) is a WARNING."""
+    async def stall_once(count: int) -> None:
+        if count == 20:
+            time.sleep(1.5)  # blocks the probe's own loop: the injected fault
+
+    stalled = probe(reference_service, 100, 5, rate=1000.0,
+                    hooks=ProbeHooks(after_send=stall_once), sla_ms=1000.0)
+    doc = stalled.to_json()
+    assert doc["late"] > 0 and doc["lost"] == 0, doc
+    assert stalled.status() is Status.UNKNOWN and doc["exit_code"] == 3, doc["generator"]
+    assert doc["valid"] is False and "may be its own delay" in doc["invalid_reasons"][0]
+
+    reference_service.ok("POST", "/admin/faults", {"delay_ms": 1500})
+    slow = probe(reference_service, 100, 5, rate=1000.0, sla_ms=1000.0)
+    doc = slow.to_json()
+    assert doc["late"] == 100 and doc["valid"] is True, (doc["generator"],
+                                                         doc["invalid_reasons"])
+    assert slow.status() is Status.WARNING
+
+
 def test_loss_duplicates_and_reordering_equal_service_counters(
         reference_service: ServiceProcess) -> None:
     reference_service.ok("POST", "/admin/faults",

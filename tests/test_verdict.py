@@ -165,3 +165,56 @@ def test_render_table_lists_diagnoses_and_events() -> None:
     assert "disconnect 1" in text
     assert "n/a" not in text  # availability is known
 
+
+
+# -- rule 8: a probe's own delay is never reported as the target's ----------------------------
+# summary() judges with SLA 3,000 ms and deadline 10,000 ms.
+
+
+def test_late_messages_the_probes_own_delay_could_explain_make_the_verdict_unknown() -> None:
+    late = LedgerCounts(sent=10, delivered=9, late=1)
+    stalled = summary(late, own_delay_us=400_000, late_max_us=3_300_000)
+    assert stalled.status() is Status.UNKNOWN
+    doc = stalled.to_json()
+    assert doc["status"] == "UNKNOWN" and doc["exit_code"] == 3 and doc["valid"] is False
+    assert "400 ms" in doc["invalid_reasons"][0] and "WARNING" in doc["invalid_reasons"][0]
+    assert "RUN INVALID" in render_table(doc)
+    # One message later than the SLA plus everything the probe could have added: it stands.
+    assert summary(late, own_delay_us=400_000, late_max_us=3_500_000).status() is (
+        Status.WARNING)
+
+
+def test_a_probe_that_held_nothing_back_keeps_its_verdict_and_says_it_is_valid() -> None:
+    late = LedgerCounts(sent=10, delivered=9, late=1)
+    doc = summary(late, own_delay_us=20_000, late_max_us=3_100_000).to_json()
+    assert doc["status"] == "WARNING" and doc["valid"] is True and doc["invalid_reasons"] == []
+    # A swarm's summary carries no own delay (its collector judges its workers): no keys.
+    assert "valid" not in summary(late, late_max_us=3_100_000).to_json()
+
+
+def test_lost_messages_that_turned_up_within_the_probes_own_delay_are_not_a_verdict() -> None:
+    lost = LedgerCounts(sent=10, delivered=8, lost=2)
+    assert summary(lost, own_delay_us=300_000,
+                   lost_seen_at_us=[10_100_000, 10_250_000]).status() is Status.UNKNOWN
+    # One never arrived at all, or arrived later than the delay can explain: loss stands.
+    assert summary(lost, own_delay_us=300_000,
+                   lost_seen_at_us=[10_100_000, None]).status() is Status.CRITICAL
+    assert summary(lost, own_delay_us=300_000,
+                   lost_seen_at_us=[10_100_000, 10_400_000]).status() is Status.CRITICAL
+
+
+def test_what_a_delay_cannot_cause_stands_whatever_the_probes_delay() -> None:
+    huge = 60_000_000
+    assert summary(LedgerCounts(sent=10, delivered=10, duplicate=1),
+                   own_delay_us=huge).status() is Status.WARNING
+    assert summary(LedgerCounts(sent=10, delivered=10, misrouted=1),
+                   own_delay_us=huge).status() is Status.CRITICAL
+    assert summary(own_delay_us=huge).status() is Status.OK  # delays only make things slower
+
+
+def test_a_p99_threshold_crossed_only_by_the_probes_own_delay_is_unknown() -> None:
+    slow = latency(*([2000] * 9), 9_000)  # p99 9 ms
+    assert summary(hist=slow, own_delay_us=5_000).status(
+        Thresholds(p99_warning_ms=5.0)) is Status.UNKNOWN
+    assert summary(hist=slow, own_delay_us=2_000).status(
+        Thresholds(p99_warning_ms=5.0)) is Status.WARNING

@@ -59,13 +59,14 @@ def now_us() -> int:
     return time.monotonic_ns() // 1000
 
 
-async def watch_loop_lag(record: Callable[[int], None]) -> None:
-    """Forever: how late the running loop fires a 100 ms timer (µs), handed to ``record``:
-    the generator's own delay, not the target's."""
+async def watch_loop_lag(record: Callable[[int], None], period_us: int = 100_000) -> None:
+    """Forever: how late the running loop fires a timer of ``period_us`` (µs), handed to
+    ``record``: the generator's own delay, not the target's. A stall shorter than the period
+    may end before the timer is due, unseen."""
     while True:
         before = now_us()
-        await asyncio.sleep(0.1)
-        record(now_us() - before - 100_000)
+        await asyncio.sleep(period_us / 1e6)
+        record(now_us() - before - period_us)
 
 
 def start_real_thread(target: Callable[[], None]) -> None:
