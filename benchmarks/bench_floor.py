@@ -10,7 +10,8 @@ floor   the least Python that does a swarm worker's job against benchmarks/relay
         message acked, confirmed by a probe agent and 3 of them answered, the answers
         confirmed by the customer, a timer per request and per round's wait for answers,
         flat records. One uvloop thread, callbacks only, no layers, no reconnects, no
-        Locust. No implementation in CPython on this machine can be much cheaper.
+        Locust: a yardstick for what the job itself costs in CPython here, not a proven
+        bound (compiled code could go lower).
 engine  chatprobe's WorkerEngine (the swarm worker's chat loop) doing the same, without
         Locust and without mobile reconnects, its rounds handed over from another thread
         as Locust's users hand them over.
