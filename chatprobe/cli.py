@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from chatprobe.config import (
     with_overrides,
 )
 from chatprobe.errors import HarnessError
-from chatprobe.paths import write_json
+from chatprobe.paths import run_temp_dir, write_json
 from chatprobe.verdict import RunSummary, Status, render_table
 
 EXIT_UNKNOWN = 3
@@ -431,7 +430,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise HarnessError("the demo runs on a clean network; for profiles use "
                            "'chatprobe swarm --target URL --profile NAME'")
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="chatprobe-demo-") as folder:
+    with run_temp_dir("demo") as folder:
         service = ServiceSubprocess(Path(folder) / "demo.sqlite3")
         print(f"chatprobe demo: reference service on {service.base_url}; swarm with shape "
               f"{args.shape} for {args.duration:g} s (+ drain)", flush=True)

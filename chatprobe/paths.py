@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +50,24 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
+
+
+def run_temp_dir(kind: str) -> tempfile.TemporaryDirectory[str]:
+    """A temporary folder for one run (``kind``: swarm, demo...), named with this process's
+    id. A run killed with SIGKILL cannot remove its own, so each new one first removes those
+    whose process is gone; another run's, still alive, is never touched."""
+    for stale in Path(tempfile.gettempdir()).glob(f"chatprobe-{kind}-*-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"chatprobe-{kind}-{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

@@ -381,6 +381,11 @@ def test_twenty_kills_at_random_points_leave_no_leftovers_and_no_unreadable_stor
     kills: list[Kill] = []
     tables_before = host_nft_tables()
     started_all = time.monotonic()
+    # The runs' own temporary folder: a swarm killed by a signal may leave its folder there
+    # (SIGKILL, or SIGTERM before its handlers), and the next swarm that starts removes it.
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    dead_swarms: set[int] = set()  # killed by a signal since the last one that got going
 
     def context(problem: str) -> str:
         return (f"{problem}\nseed {seed} (replay: {SEED_ENV}={seed}); kernel layer "
@@ -403,6 +408,7 @@ def test_twenty_kills_at_random_points_leave_no_leftovers_and_no_unreadable_stor
         else:
             args = ["canary", "--config", str(canary_config)]
             env[ADMIN_ENV] = reference_service.admin_token
+        env["TMPDIR"] = str(temporary)
         accepted_before = reference_service.stats()["accepted"]
         proc = start([*args, "--json", str(result)], mark, tmp_path / f"{index}-{kind}", env)
         kill.pid = proc.pid
@@ -457,6 +463,13 @@ def test_twenty_kills_at_random_points_leave_no_leftovers_and_no_unreadable_stor
                     names = kernel_names_of(proc.pid)
                 assert not names, f"namespaces/links of the run left: {sorted(names)}"
             assert host_nft_tables() == tables_before, "the host's nftables tables changed"
+            if kind == "swarm":
+                if kill.measuring:
+                    dead_swarms.clear()  # it got going: it removed those killed before it
+                if proc.returncode < 0:
+                    dead_swarms.add(proc.pid)  # else it removed its own on the way out
+            folders = {int(f.name.split("-")[2]) for f in temporary.glob("chatprobe-swarm-*")}
+            assert folders <= dead_swarms, f"temporary folders of swarms left: {folders}"
             check_json(kill, result)
             if history.exists():
                 assert_store_readable(history)

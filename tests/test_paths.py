@@ -1,13 +1,18 @@
-"""Writing a result file: whole or not at all, and never replacing what the path is."""
+"""Writing a result file: whole or not at all, and never replacing what the path is; the
+temporary folders of runs."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
-from chatprobe.paths import write_json
+import pytest
+
+from chatprobe.paths import run_temp_dir, write_json
 
 
 def test_a_result_replaces_the_last_one_whole_and_keeps_its_mode(tmp_path: Path) -> None:
@@ -40,3 +45,25 @@ def test_a_pipe_is_written_in_place(tmp_path: Path) -> None:
         assert json.loads(os.read(reader, 1 << 16)) == {"run": 4}
     finally:
         os.close(reader)
+
+
+def test_a_run_removes_the_temporary_folders_of_runs_that_are_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed with SIGKILL leaves its folder; the next run of its kind removes it,
+    and never another live run's folder nor anything not chatprobe's."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process now
+    left_by_a_crash = tmp_path / f"chatprobe-swarm-{gone.pid}-abc123"
+    (left_by_a_crash / "locust").mkdir(parents=True)
+    live = tmp_path / f"chatprobe-swarm-{os.getppid()}-def456"  # a live process's
+    live.mkdir()
+    other_kind = tmp_path / f"chatprobe-demo-{gone.pid}-ghi789"
+    other_kind.mkdir()
+    foreign = tmp_path / "chatprobe-swarm-notapid-x"
+    foreign.mkdir()
+    with run_temp_dir("swarm") as folder:
+        assert Path(folder).name.startswith(f"chatprobe-swarm-{os.getpid()}-")
+        assert not left_by_a_crash.exists()
+        assert live.is_dir() and other_kind.is_dir() and foreign.is_dir()
+    assert not Path(folder).exists()

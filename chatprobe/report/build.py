@@ -25,7 +25,7 @@ from pathlib import Path
 
 from chatprobe import __version__
 from chatprobe.errors import HarnessError
-from chatprobe.paths import project_root
+from chatprobe.paths import project_root, run_temp_dir
 from chatprobe.report.categories import allure_categories
 
 ALLURE_VERSION = "3.18.0"  # the exact version in reports/package.json (a test checks)
@@ -94,10 +94,14 @@ def _build(allure: Path, results: Path, output: Path, history: Path, history_lim
     history.parent.mkdir(parents=True, exist_ok=True)
     with _locked(output.parent / f".{output.name}.lock"), \
             _locked(history.with_name(history.name + ".lock")):
+        # Under the lock no other build of this report runs: a staging folder left here was
+        # left by a build that was killed.
+        for stale in output.parent.glob(f".{output.name}.new-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.new-", dir=output.parent))
         try:
             staging.chmod(0o755)  # mkdtemp makes it private; a report is for reading
-            with tempfile.TemporaryDirectory(prefix="chatprobe-allurerc-") as config_dir:
+            with run_temp_dir("allurerc") as config_dir:
                 config = Path(config_dir) / "allurerc.mjs"
                 config.write_text(allurerc(staging, history, history_limit, name, shown,
                                            allure.parent), encoding="utf-8")

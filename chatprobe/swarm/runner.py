@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from chatprobe.config import ADMIN_TOKEN_ENV, TLS_SERVER_NAME_ENV, load_target, 
 from chatprobe.errors import HarnessError
 from chatprobe.histogram import LatencyHistogram
 from chatprobe.ledger import LedgerCounts
-from chatprobe.paths import project_root
+from chatprobe.paths import project_root, run_temp_dir
 from chatprobe.swarm.collector import INTERRUPTED, STOP_FILE_ENV
 from chatprobe.swarm.scripts import load_script
 from chatprobe.swarm.shapes import load_shape
@@ -245,7 +244,7 @@ def run_swarm(options: SwarmOptions, timeout_s: float | None = None) -> dict[str
     shape = load_shape(options.shape).fitted(options.duration_s)
     load_script(options.script)
     check_stamp_key()
-    with tempfile.TemporaryDirectory(prefix="chatprobe-swarm-") as folder:
+    with run_temp_dir("swarm") as folder:
         json_path = Path(folder) / "summary.json"
         stop_file = Path(folder) / "stopped"
         # SIGINT to the master (its own Ctrl-C: it stops its workers and exits) if this
