@@ -12,9 +12,16 @@ from typing import Any
 
 import pytest
 
+from chatprobe.config import AgentCredential
 from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import ACK_FIELDS, RECEIPT_FIELDS, SEND_FIELDS, records
-from chatprobe.swarm.engine import LOOP_THREAD_LOGGERS, Planned, WorkerEngine, now_us
+from chatprobe.swarm.engine import (
+    LOOP_THREAD_LOGGERS,
+    Planned,
+    WorkerEngine,
+    agents_of_worker,
+    now_us,
+)
 from chatprobe.swarm.scripts import load_script
 from tests.conftest import ServiceProcess, scaled
 
@@ -154,3 +161,15 @@ def test_a_customer_that_leaves_mid_round_closes_at_once_not_at_its_next_message
     assert now_us() < next_message
     take(engine, seen)  # anything sent before it left
     assert len(sends_of(seen, "w0slow-1")) == 1
+
+
+def test_the_probe_agents_are_shared_out_among_the_workers_each_logged_in_once() -> None:
+    agents = tuple(AgentCredential(f"probe-{i}", f"token-{i}") for i in range(1, 6))
+    shares = [agents_of_worker(agents, index, 2) for index in range(2)]
+    assert [[a.id for a in share] for share in shares] == [
+        ["probe-1", "probe-3", "probe-5"], ["probe-2", "probe-4"]]
+    # More workers than agents: some confirm nothing; a late joiner beyond the count the
+    # run started with logs in none (a second session would take an agent's conversations).
+    assert [len(agents_of_worker(agents[:2], index, 3)) for index in range(4)] == [1, 1, 0, 0]
+    # A worker that was not told the count (an older master) behaves as worker 0 of 1 did.
+    assert agents_of_worker(agents, 0, 0) == agents and agents_of_worker(agents, 1, 0) == ()

@@ -63,10 +63,12 @@ def test_two_worker_swarm_with_faults_equals_service_counters(
     for example in lost_examples[:3]:
         trace = reference_service.ok("GET", f"/admin/messages/{example['server_id']}")
         assert "drop" in json.dumps(trace), trace
-    # Both workers sent; only worker 0 ran the probe agents, so half the messages were
-    # matched across processes.
+    # Both workers sent, and each ran one of the two probe agents: a message's customer and
+    # the agent that confirmed it were in different processes about half the time.
     assert set(doc["generator"]) == {"w0", "w1"}
     assert all(g["sends"] > 0 for g in doc["generator"].values())
+    assert [g["agents"] for _, g in sorted(doc["generator"].items())] == [["probe-1"],
+                                                                          ["probe-2"]]
 
 
 def test_merged_percentiles_equal_those_of_all_raw_samples(

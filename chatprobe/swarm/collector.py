@@ -79,6 +79,7 @@ class WorkerHealth:
     sends: int = 0
     send_lag_max_us: int = 0
     clock: str = ""
+    agents: list[str] = field(default_factory=list)  # the probe agents it logged in
 
 
 # A batch's records lie end to end in flat lists, this many items each:
@@ -93,7 +94,7 @@ def empty_batch(worker: str, host: str) -> dict[str, Any]:
     return {"worker": worker, "host": host, "sends": [], "acks": [], "receipts": [],
             "forged": 0,
             "foreign": 0, "late_sends": 0, "send_lag_max_us": 0, "cpu": None,
-            "loop_lag_max_us": 0}
+            "loop_lag_max_us": 0, "agents": []}
 
 
 def records(flat: list[Any], width: int) -> Iterator[tuple[Any, ...]]:
@@ -220,6 +221,8 @@ class Collector:
         health.clock = str(batch.get("clock", batch["host"]))
         health.sends += len(batch["sends"]) // SEND_FIELDS
         health.late_sends += batch["late_sends"]
+        if batch.get("agents"):
+            health.agents = [str(agent) for agent in batch["agents"]]
         health.send_lag_max_us = max(health.send_lag_max_us, batch["send_lag_max_us"])
         health.loop_lag_max_us = max(health.loop_lag_max_us, batch["loop_lag_max_us"])
         if batch.get("failure"):
@@ -341,7 +344,8 @@ class Collector:
             name: {"host": h.host, "cpu_max_percent": round(h.cpu_max, 1),
                    "loop_lag_max_ms": round(h.loop_lag_max_us / 1000, 3),
                    "late_sends": h.late_sends, "sends": h.sends,
-                   "send_lag_max_ms": round(h.send_lag_max_us / 1000, 3)}
+                   "send_lag_max_ms": round(h.send_lag_max_us / 1000, 3),
+                   "agents": h.agents}
             for name, h in sorted(self.workers.items())}
         merged = LatencyHistogram()
         for time_bin in self.bins.values():

@@ -21,11 +21,11 @@ import socket
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatprobe.config import TargetConfig
+from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.errors import TargetError
 from chatprobe.protocols.base import (
     Ack,
@@ -293,22 +293,37 @@ class _Round:
             self.finished.set_result(None)
 
 
+def agents_of_worker(agents: Sequence[AgentCredential], index: int,
+                     workers: int) -> tuple[AgentCredential, ...]:
+    """The probe agents worker ``index`` of ``workers`` logs in: agent i on worker
+    i mod workers, so that confirming and answering, about a fifth of the work of a message,
+    is shared instead of loading one worker; a worker beyond the count the run started with
+    (a late joiner) logs in none, as a second session of an agent's account would take its
+    conversations."""
+    if not 0 <= index < max(1, workers):
+        return ()
+    return tuple(agent for i, agent in enumerate(agents) if i % max(1, workers) == index)
+
+
 class WorkerEngine:
-    """One per Locust process: customers (this worker's users) and, on one worker, agents."""
+    """One per Locust process: customers (this worker's users) and its share of the agents."""
 
     def __init__(self, target_url: str, config: TargetConfig, codec: StampCodec,
                  worker: str, run_agents: bool, script: Script | None = None,
-                 agent_url: str | None = None) -> None:
+                 agent_url: str | None = None,
+                 agents: Sequence[AgentCredential] | None = None) -> None:
         """``script``: the conversation script, so agents know which messages to answer.
         ``agent_url``: where the agents connect when not at ``target_url`` (each side behind
-        its own network profile)."""
+        its own network profile). ``agents``: the credentials this worker logs in when
+        ``run_agents`` (default: all of the config's)."""
         self.target_url = target_url
         self.agent_url = agent_url or target_url
         self.config = config
         self.codec = codec
         self.worker = worker
         self.host = socket.gethostname()
-        self.run_agents = run_agents
+        self.agent_credentials = tuple(config.agents if agents is None else agents)
+        self.run_agents = run_agents and bool(self.agent_credentials)
         self.out = EngineOutput()
         self.thread = LoopThread()
         self.adapter: Adapter | None = None
@@ -404,6 +419,7 @@ class WorkerEngine:
         # A max, not a count: a lost reset only means a lag is reported twice, never missed.
         batch["loop_lag_max_us"], self.thread.lag_max_us = self.thread.lag_max_us, 0
         batch["cpu"] = cpu_percent
+        batch["agents"] = list(self.agent_by_id)  # appended to by the loop thread only
         problems = self.thread.problems
         for _ in range(len(problems)):
             out.events.append(problems.popleft())
@@ -430,7 +446,7 @@ class WorkerEngine:
     async def _login_agents(self) -> None:
         assert self.agent_adapter is not None
         try:
-            for credential in self.config.agents:
+            for credential in self.agent_credentials:
                 agent = await self.agent_adapter.login_agent(
                     credential, self._receiver(credential.id), self._event(credential.id))
                 self.agents.append(agent)

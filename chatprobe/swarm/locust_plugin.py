@@ -42,7 +42,13 @@ from chatprobe.ledger import MessageRecord, Outcome
 from chatprobe.paths import write_json
 from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import Collector
-from chatprobe.swarm.engine import Planned, WorkerEngine, clock_domain, now_us
+from chatprobe.swarm.engine import (
+    Planned,
+    WorkerEngine,
+    agents_of_worker,
+    clock_domain,
+    now_us,
+)
 from chatprobe.swarm.runner import STAMP_KEY_ENV
 from chatprobe.swarm.scripts import Script, load_script
 from chatprobe.swarm.shapes import Shape, load_shape
@@ -106,6 +112,8 @@ def _options(parser: Any) -> None:
     # Generated on the master and passed to workers with the spawn message; the key can be
     # chosen through the environment (never on a command line, where ps shows it).
     group.add_argument("--cp-run", default="", include_in_web_ui=False)
+    # Set by the master at the start, for the workers to share out the probe agents.
+    group.add_argument("--cp-workers", type=int, default=0, include_in_web_ui=False)
     group.add_argument("--cp-secret", default="", include_in_web_ui=False,
                        env_var=STAMP_KEY_ENV)
 
@@ -280,6 +288,9 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         STATE.greenlets.append(gevent.spawn(_tick_collector, environment))
     if isinstance(runner, MasterRunner):
         STATE.expected_workers = len(runner.clients)
+        # Sent with the spawn messages, which follow this event: each worker takes its
+        # share of the probe agents (agents_of_worker).
+        _opts(environment).cp_workers = STATE.expected_workers
         STATE.greenlets.append(gevent.spawn(_sync_clocks, environment))
         return
     if STATE.engine is not None:
@@ -287,9 +298,11 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     worker_index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
     STATE.script = load_script(_opts(environment).cp_script)
     STATE.failure_reported = False
-    STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}",
-                                run_agents=worker_index == 0, script=STATE.script,
-                                agent_url=_opts(environment).cp_agent_target or None)
+    workers = _opts(environment).cp_workers if isinstance(runner, WorkerRunner) else 1
+    STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}", run_agents=True,
+                                script=STATE.script,
+                                agent_url=_opts(environment).cp_agent_target or None,
+                                agents=agents_of_worker(config.agents, worker_index, workers))
     STATE.engine.start(gevent.sleep)
     STATE.greenlets.append(gevent.spawn(_flush_forever, environment))
 
