@@ -381,11 +381,12 @@ def test_twenty_kills_at_random_points_leave_no_leftovers_and_no_unreadable_stor
     kills: list[Kill] = []
     tables_before = host_nft_tables()
     started_all = time.monotonic()
-    # The runs' own temporary folder: a swarm killed by a signal may leave its folder there
-    # (SIGKILL, or SIGTERM before its handlers), and the next swarm that starts removes it.
+    # The runs' own temporary folder: a swarm or canary killed by a signal may leave its
+    # folder there (SIGKILL, or SIGTERM before its handlers), and the next run of its kind
+    # that gets going removes it. By kind: those killed since the last one that got going.
     temporary = tmp_path / "tmp"
     temporary.mkdir()
-    dead_swarms: set[int] = set()  # killed by a signal since the last one that got going
+    killed_since: dict[str, set[int]] = {"swarm": set(), "canary": set()}
 
     def context(problem: str) -> str:
         return (f"{problem}\nseed {seed} (replay: {SEED_ENV}={seed}); kernel layer "
@@ -463,13 +464,15 @@ def test_twenty_kills_at_random_points_leave_no_leftovers_and_no_unreadable_stor
                     names = kernel_names_of(proc.pid)
                 assert not names, f"namespaces/links of the run left: {sorted(names)}"
             assert host_nft_tables() == tables_before, "the host's nftables tables changed"
-            if kind == "swarm":
+            if kind in killed_since:
                 if kill.measuring:
-                    dead_swarms.clear()  # it got going: it removed those killed before it
+                    killed_since[kind].clear()  # it got going: it removed those before it
                 if proc.returncode < 0:
-                    dead_swarms.add(proc.pid)  # else it removed its own on the way out
-            folders = {int(f.name.split("-")[2]) for f in temporary.glob("chatprobe-swarm-*")}
-            assert folders <= dead_swarms, f"temporary folders of swarms left: {folders}"
+                    killed_since[kind].add(proc.pid)  # else it removed its own on the way out
+            for run_kind, killed in killed_since.items():
+                folders = {int(f.name.split("-")[2])
+                           for f in temporary.glob(f"chatprobe-{run_kind}-*")}
+                assert folders <= killed, f"temporary folders of {run_kind} runs left: {folders}"
             check_json(kill, result)
             if history.exists():
                 assert_store_readable(history)

@@ -19,7 +19,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from chatprobe.canary.model import CanaryRun, CheckResult
 from chatprobe.children import die_with_parent
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError
-from chatprobe.paths import project_root, write_json
+from chatprobe.paths import project_root, run_temp_dir, write_json
 
 if TYPE_CHECKING:
     from chatprobe.canary.alerts import AlertConfig
@@ -157,7 +156,7 @@ def run_suite(config: CanaryConfig, run: CanaryRun, log_path: Path,
     stop it at once; taken from the list)."""
     deadline = run.started + config.budget_s - RESERVE_S
     stopped_by: str | None = None
-    with tempfile.TemporaryDirectory(prefix="chatprobe-canary-") as folder:
+    with run_temp_dir("canary") as folder:
         results_path = Path(folder) / "results.jsonl"
         with open(log_path, "w", encoding="utf-8") as log:
             # Killed with its parent: a canary killed by SIGKILL must not leave its suite
