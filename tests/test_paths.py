@@ -67,3 +67,17 @@ def test_a_run_removes_the_temporary_folders_of_runs_that_are_gone(
         assert not left_by_a_crash.exists()
         assert live.is_dir() and other_kind.is_dir() and foreign.is_dir()
     assert not Path(folder).exists()
+
+
+def test_a_result_removes_the_temporary_file_a_killed_writer_left_beside_it(
+        tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    path = tmp_path / "run.json"
+    left = tmp_path / f".run.json.{gone.pid}.tmp"
+    left.write_text("{half a docu")
+    writing = tmp_path / f".run.json.{os.getppid()}.tmp"  # a live writer's: not touched
+    writing.write_text("{")
+    write_json(path, {"run": 3})
+    assert not left.exists() and writing.exists()
+    assert json.loads(path.read_text()) == {"run": 3}
