@@ -165,11 +165,16 @@ def test_a_customer_that_leaves_mid_round_closes_at_once_not_at_its_next_message
 
 def test_the_probe_agents_are_shared_out_among_the_workers_each_logged_in_once() -> None:
     agents = tuple(AgentCredential(f"probe-{i}", f"token-{i}") for i in range(1, 6))
-    shares = [agents_of_worker(agents, index, 2) for index in range(2)]
+    shares = [agents_of_worker(agents, index, [0, 1]) for index in range(2)]
     assert [[a.id for a in share] for share in shares] == [
         ["probe-1", "probe-3", "probe-5"], ["probe-2", "probe-4"]]
-    # More workers than agents: some confirm nothing; a late joiner beyond the count the
+    # Locust's worker indexes only count up: a worker that left before the start leaves a
+    # gap, and every agent still has its worker.
+    gap = [agents_of_worker(agents, index, [0, 2]) for index in range(3)]
+    assert [len(share) for share in gap] == [3, 0, 2]
+    # More workers than agents: some confirm nothing; a late joiner beyond the workers the
     # run started with logs in none (a second session would take an agent's conversations).
-    assert [len(agents_of_worker(agents[:2], index, 3)) for index in range(4)] == [1, 1, 0, 0]
-    # A worker that was not told the count (an older master) behaves as worker 0 of 1 did.
-    assert agents_of_worker(agents, 0, 0) == agents and agents_of_worker(agents, 1, 0) == ()
+    assert [len(agents_of_worker(agents[:2], index, [0, 1, 2])) for index in range(4)] == [
+        1, 1, 0, 0]
+    # A worker that was not told (an older master, a local run) behaves as worker 0 did.
+    assert agents_of_worker(agents, 0, []) == agents and agents_of_worker(agents, 1, []) == ()

@@ -294,15 +294,18 @@ class _Round:
 
 
 def agents_of_worker(agents: Sequence[AgentCredential], index: int,
-                     workers: int) -> tuple[AgentCredential, ...]:
-    """The probe agents worker ``index`` of ``workers`` logs in: agent i on worker
-    i mod workers, so that confirming and answering, about a fifth of the work of a message,
-    is shared instead of loading one worker; a worker beyond the count the run started with
+                     workers: Sequence[int]) -> tuple[AgentCredential, ...]:
+    """The probe agents worker ``index`` logs in, ``workers`` being the indexes of the
+    workers the run started with (Locust's indexes only count up, so they may have gaps):
+    agent i on the (i mod N)-th of them, so that confirming and answering, about a fifth of
+    the work of a message, is shared instead of loading one worker. A worker not among them
     (a late joiner) logs in none, as a second session of an agent's account would take its
-    conversations."""
-    if not 0 <= index < max(1, workers):
+    conversations; with none named, worker 0 logs in all."""
+    started = sorted(set(workers)) or [0]
+    if index not in started:
         return ()
-    return tuple(agent for i, agent in enumerate(agents) if i % max(1, workers) == index)
+    position = started.index(index)
+    return tuple(agent for i, agent in enumerate(agents) if i % len(started) == position)
 
 
 class WorkerEngine:

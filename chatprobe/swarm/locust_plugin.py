@@ -112,8 +112,9 @@ def _options(parser: Any) -> None:
     # Generated on the master and passed to workers with the spawn message; the key can be
     # chosen through the environment (never on a command line, where ps shows it).
     group.add_argument("--cp-run", default="", include_in_web_ui=False)
-    # Set by the master at the start, for the workers to share out the probe agents.
-    group.add_argument("--cp-workers", type=int, default=0, include_in_web_ui=False)
+    # Set by the master at the start, for the workers to share out the probe agents: the
+    # indexes of the workers the run starts with, comma-separated.
+    group.add_argument("--cp-agent-workers", default="", include_in_web_ui=False)
     group.add_argument("--cp-secret", default="", include_in_web_ui=False,
                        env_var=STAMP_KEY_ENV)
 
@@ -289,8 +290,12 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     if isinstance(runner, MasterRunner):
         STATE.expected_workers = len(runner.clients)
         # Sent with the spawn messages, which follow this event: each worker takes its
-        # share of the probe agents (agents_of_worker).
-        _opts(environment).cp_workers = STATE.expected_workers
+        # share of the probe agents (agents_of_worker). Missing workers are not counted.
+        clients = runner.clients
+        _opts(environment).cp_agent_workers = ",".join(str(runner.get_worker_index(node.id))
+                                                       for node in [*clients.ready,
+                                                                    *clients.spawning,
+                                                                    *clients.running])
         STATE.greenlets.append(gevent.spawn(_sync_clocks, environment))
         return
     if STATE.engine is not None:
@@ -298,7 +303,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     worker_index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
     STATE.script = load_script(_opts(environment).cp_script)
     STATE.failure_reported = False
-    workers = _opts(environment).cp_workers if isinstance(runner, WorkerRunner) else 1
+    workers = [int(index) for index in _opts(environment).cp_agent_workers.split(",")
+               if index.isascii() and index.isdecimal()] if isinstance(runner, WorkerRunner) else []
     STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}", run_agents=True,
                                 script=STATE.script,
                                 agent_url=_opts(environment).cp_agent_target or None,
