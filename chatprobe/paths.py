@@ -4,10 +4,13 @@ how it writes a result file."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +44,9 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
         return
     target = path.resolve() if path.is_symlink() else path
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         pid = stale.name[len(target.name) + 2:-len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isascii() and pid.isdecimal() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 stale.unlink()  # left by a writer killed mid-write
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -57,15 +60,39 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
             temporary.unlink()
 
 
-def run_temp_dir(kind: str) -> tempfile.TemporaryDirectory[str]:
+OWNER_LOCK = ".owner.lock"
+
+
+@contextlib.contextmanager
+def run_temp_dir(kind: str) -> Iterator[str]:
     """A temporary folder for one run (``kind``: swarm, demo...), named with this process's
-    id. A run killed with SIGKILL cannot remove its own, so each new one first removes those
-    whose process is gone; another run's, still alive, is never touched."""
-    for stale in Path(tempfile.gettempdir()).glob(f"chatprobe-{kind}-*-*"):
-        pid = stale.name.split("-")[2]
-        if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-    return tempfile.TemporaryDirectory(prefix=f"chatprobe-{kind}-{os.getpid()}-")
+    id and holding a file this process keeps locked (flock) while the folder is in use. A run
+    killed with SIGKILL cannot remove its folder, but its lock dies with it: each new run of
+    the kind removes the folders nobody holds, never a live run's (whatever its pid
+    namespace)."""
+    for stale in Path(tempfile.gettempdir()).glob(f"chatprobe-{glob.escape(kind)}-*-*"):
+        _remove_if_abandoned(stale)
+    with tempfile.TemporaryDirectory(prefix=f"chatprobe-{kind}-{os.getpid()}-") as folder:
+        # Locked under a name of its own, then renamed into place: a sweeper never finds the
+        # lock file before it is held.
+        taking = Path(folder) / f"{OWNER_LOCK}.{os.getpid()}"
+        with open(taking, "x", encoding="ascii") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            taking.rename(Path(folder) / OWNER_LOCK)
+            yield folder
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    try:
+        lock = open(folder / OWNER_LOCK, encoding="ascii")  # noqa: SIM115 (closed below)
+    except OSError:
+        return  # no lock file: an older run's layout, or not a folder of ours
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # its run holds it
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -75,4 +102,6 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process: alive
         return True
+    except (OverflowError, ValueError):  # not a pid this system can have
+        return False
     return True

@@ -3,6 +3,7 @@ temporary folders of runs."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from chatprobe.paths import run_temp_dir, write_json
+from chatprobe.paths import OWNER_LOCK, run_temp_dir, write_json
 
 
 def test_a_result_replaces_the_last_one_whole_and_keeps_its_mode(tmp_path: Path) -> None:
@@ -49,23 +50,30 @@ def test_a_pipe_is_written_in_place(tmp_path: Path) -> None:
 
 def test_a_run_removes_the_temporary_folders_of_runs_that_are_gone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run killed with SIGKILL leaves its folder; the next run of its kind removes it,
-    and never another live run's folder nor anything not chatprobe's."""
+    """A run killed with SIGKILL leaves its folder, and its lock on it dies with it; the
+    next run of its kind removes it, and never a folder whose run still holds its lock (in
+    whatever pid namespace) nor anything not chatprobe's."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # reaped: its pid names no process now
-    left_by_a_crash = tmp_path / f"chatprobe-swarm-{gone.pid}-abc123"
+    left_by_a_crash = tmp_path / "chatprobe-swarm-4242-abc123"
     (left_by_a_crash / "locust").mkdir(parents=True)
-    live = tmp_path / f"chatprobe-swarm-{os.getppid()}-def456"  # a live process's
+    (left_by_a_crash / OWNER_LOCK).touch()  # nobody holds it
+    live = tmp_path / "chatprobe-swarm-4343-def456"
     live.mkdir()
-    other_kind = tmp_path / f"chatprobe-demo-{gone.pid}-ghi789"
+    (live / OWNER_LOCK).touch()
+    other_kind = tmp_path / "chatprobe-demo-4242-ghi789"
     other_kind.mkdir()
-    foreign = tmp_path / "chatprobe-swarm-notapid-x"
-    foreign.mkdir()
-    with run_temp_dir("swarm") as folder:
-        assert Path(folder).name.startswith(f"chatprobe-swarm-{os.getpid()}-")
-        assert not left_by_a_crash.exists()
-        assert live.is_dir() and other_kind.is_dir() and foreign.is_dir()
+    (other_kind / OWNER_LOCK).touch()
+    not_ours = tmp_path / "chatprobe-swarm-notours-x"  # no lock file
+    not_ours.mkdir()
+    with open(live / OWNER_LOCK) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # its run, alive
+        with run_temp_dir("swarm") as folder:
+            assert Path(folder).name.startswith(f"chatprobe-swarm-{os.getpid()}-")
+            assert not left_by_a_crash.exists()
+            assert live.is_dir() and other_kind.is_dir() and not_ours.is_dir()
+            # While this run goes on, a second run of the kind leaves its folder alone.
+            with run_temp_dir("swarm") as second:
+                assert Path(folder).is_dir() and second != folder
     assert not Path(folder).exists()
 
 
@@ -78,6 +86,11 @@ def test_a_result_removes_the_temporary_file_a_killed_writer_left_beside_it(
     left.write_text("{half a docu")
     writing = tmp_path / f".run.json.{os.getppid()}.tmp"  # a live writer's: not touched
     writing.write_text("{")
+    impossible = tmp_path / ".run.json.99999999999999999999.tmp"  # no such pid, no crash
+    impossible.write_text("{")
+    odd = tmp_path / ".run.json.²³.tmp"  # digits Python's int() takes and a pid never has
+    odd.write_text("{")
     write_json(path, {"run": 3})
-    assert not left.exists() and writing.exists()
+    assert not left.exists() and not impossible.exists()
+    assert writing.exists() and odd.exists()
     assert json.loads(path.read_text()) == {"run": 3}

@@ -32,6 +32,7 @@ from chatprobe.errors import HarnessError
 from chatprobe.report.build import (
     ALLURE_VERSION,
     MARKER,
+    _clear_killed_build,
     build_report,
     default_history_path,
     ensure_allure,
@@ -371,3 +372,20 @@ def test_the_pinned_allure_is_the_version_the_build_expects() -> None:
     lock = json.loads((ROOT / "reports" / "package-lock.json").read_text())
     assert package["dependencies"] == {"allure": ALLURE_VERSION}  # exact, no range
     assert lock["packages"]["node_modules/allure"]["version"] == ALLURE_VERSION
+
+
+def test_a_build_clears_what_a_killed_build_left_and_puts_the_old_report_back(
+        tmp_path: Path) -> None:
+    """Killed between its two renames, a build left no report: the previous one (renamed
+    aside) goes back in place, and the halves of killed builds go (the build lock is held)."""
+    output = tmp_path / "report[1]"  # a glob character in the name must not widen the sweep
+    old = tmp_path / ".report[1].old-1a2b3c4d"
+    old.mkdir()
+    (old / "index.html").write_text("the previous report")
+    staging = tmp_path / ".report[1].new-xyz"
+    staging.mkdir()
+    other = tmp_path / ".report1.new-abc"  # another report's build, running
+    other.mkdir()
+    _clear_killed_build(output)
+    assert (output / "index.html").read_text() == "the previous report"
+    assert not old.exists() and not staging.exists() and other.is_dir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -94,10 +95,7 @@ def _build(allure: Path, results: Path, output: Path, history: Path, history_lim
     history.parent.mkdir(parents=True, exist_ok=True)
     with _locked(output.parent / f".{output.name}.lock"), \
             _locked(history.with_name(history.name + ".lock")):
-        # Under the lock no other build of this report runs: a staging folder left here was
-        # left by a build that was killed.
-        for stale in output.parent.glob(f".{output.name}.new-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _clear_killed_build(output)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.new-", dir=output.parent))
         try:
             staging.chmod(0o755)  # mkdtemp makes it private; a report is for reading
@@ -276,6 +274,18 @@ def _run_allure(cli: Path, config: Path, results: Path) -> None:
 
 def _strip_analytics(html: str) -> str:
     return _ANALYTICS.sub("", html, count=1)
+
+
+def _clear_killed_build(output: Path) -> None:
+    """Under the lock no other build of this report runs: a staging or old folder beside it
+    was left by a build that was killed. One killed between its two renames (see
+    :func:`_replace`) left no report: the old one goes back in place first."""
+    name = glob.escape(output.name)
+    olds = sorted(output.parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not output.exists():
+        olds.pop().rename(output)
+    for stale in [*olds, *output.parent.glob(f".{name}.new-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _replace(output: Path, staging: Path) -> None:
