@@ -30,7 +30,7 @@ from chatprobe.config import (
 )
 from chatprobe.errors import HarnessError
 from chatprobe.paths import run_temp_dir, write_json
-from chatprobe.verdict import RunSummary, Status, render_table
+from chatprobe.verdict import RunSummary, Status, render_table, worst
 
 EXIT_UNKNOWN = 3
 T = TypeVar("T")
@@ -329,7 +329,8 @@ def _report_profiles(args: argparse.Namespace, documents: list[dict[str, Any]],
     except OSError as exc:
         print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
-    return max(_exit_code(doc) for doc in documents)
+    # A proven CRITICAL on one profile outranks an UNKNOWN on another.
+    return int(worst(Status(_exit_code(doc)) for doc in documents))
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:

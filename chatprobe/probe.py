@@ -9,6 +9,7 @@ every message is received or past its deadline, then explain what was lost or la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import time
@@ -91,7 +92,7 @@ LAG_WATCH_PERIOD_US = 20_000
 class _SelfWatch:
     """The probe's own share of the numbers (measurement.md, rules 3 and 8): how late its
     loop ran, how late its sends left their plan, how busy its process was. Its worst delay
-    makes a verdict UNKNOWN when it could explain it (RunSummary.own_delay_reasons)."""
+    makes a verdict UNKNOWN when they could explain it (RunSummary.own_delay_reasons)."""
 
     sends: int = 0
     late_sends: int = 0
@@ -112,9 +113,10 @@ class _SelfWatch:
         if lag_us > self.loop_lag_max_us:
             self.loop_lag_max_us = lag_us
 
-    def own_delay_us(self) -> int:
-        """The most the probe may have held back any timestamp of its own."""
-        return max(self.send_lag_max_us, self.loop_lag_max_us + LAG_WATCH_PERIOD_US)
+    def receipt_delay_us(self) -> int:
+        """The most the probe may have held back a receipt's timestamp: its worst loop lag,
+        plus the grain of the timer that measures it (a shorter stall may go unseen)."""
+        return self.loop_lag_max_us + LAG_WATCH_PERIOD_US
 
     def report(self, summary: RunSummary) -> None:
         wall_s = time.monotonic() - self.started_s
@@ -123,7 +125,7 @@ class _SelfWatch:
             "cpu_percent": round(cpu, 1), "loop_lag_max_ms": round(self.loop_lag_max_us / 1000, 3),
             "late_sends": self.late_sends, "sends": self.sends,
             "send_lag_max_ms": round(self.send_lag_max_us / 1000, 3),
-            "own_delay_max_ms": round(self.own_delay_us() / 1000, 3)}}
+            "receipt_delay_max_ms": round(self.receipt_delay_us() / 1000, 3)}}
 
 
 @dataclass
@@ -186,6 +188,7 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
             watcher.cancel()
             state.watch.report(summary)
         ledger.finish()
+        await _linger_for_late_sends(state, int(config.deadline_ms * 1000), agents)
         await _explain(agent_adapter, config, options, state, agents, conversations,
                        summary, customers)
         _own_delay_evidence(summary, ledger, state.watch)
@@ -203,12 +206,34 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
 
 def _own_delay_evidence(summary: RunSummary, ledger: Ledger, watch: _SelfWatch) -> None:
     """What the verdict needs to tell the probe's own delay from the target's."""
-    summary.own_delay_us = watch.own_delay_us()
-    summary.late_max_us = max((r.first_receipt_us - r.intended_us for r in ledger.late_records
-                               if r.first_receipt_us is not None), default=None)
-    summary.lost_seen_at_us = [None if r.first_receipt_us is None
-                               else r.first_receipt_us - r.intended_us
-                               for r in ledger.lost_records]
+    summary.receipt_delay_us = watch.receipt_delay_us()
+    summary.send_lag_max_us = max(0, watch.send_lag_max_us)
+    summary.late_from_send_us = [r.first_receipt_us - r.sent_us for r in ledger.late_records
+                                 if r.first_receipt_us is not None]
+    summary.lost_from_send_us = [None if r.first_receipt_us is None
+                                 else r.first_receipt_us - r.sent_us
+                                 for r in ledger.lost_records]
+
+
+async def _linger_for_late_sends(state: _RunState, deadline_us: int,
+                                 agents: dict[str, AgentSession]) -> None:
+    """A message the probe itself sent late had less than its deadline to arrive before
+    the ledger gave up on it (deadlines count from the plan): listen on until each lost
+    message that never turned up has had its deadline from its actual send, so that its
+    arrival, if it comes, tells the probe's delay from the target's (bounded by the probe's
+    own send lag and loop lag)."""
+    ledger = state.ledger
+    while not agents or any(agent.failure is None for agent in agents.values()):
+        unseen = [r.sent_us for r in ledger.lost_records if r.first_receipt_us is None]
+        until_us = (max(unseen) + deadline_us + state.watch.receipt_delay_us()
+                    if unseen else 0)
+        remaining_s = (until_us - now_us()) / 1e6
+        if remaining_s <= 0:
+            return
+        state.arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(0.25, remaining_s)):
+                await state.arrived.wait()
 
 
 async def _login_agents(adapter: Adapter, config: TargetConfig, state: _RunState,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -24,6 +25,15 @@ class Status(IntEnum):
     WARNING = 1
     CRITICAL = 2
     UNKNOWN = 3
+
+
+# Several verdicts as one (profiles, checks): a proven CRITICAL outranks an UNKNOWN, which
+# outranks a WARNING; the exit codes' order is not this one.
+SEVERITY = {Status.OK: 0, Status.WARNING: 1, Status.UNKNOWN: 2, Status.CRITICAL: 3}
+
+
+def worst(statuses: Iterable[Status]) -> Status:
+    return max(statuses, key=SEVERITY.__getitem__, default=Status.OK)
 
 
 # When the generator's own numbers cannot be trusted (a swarm's and a probe's alike). Sends
@@ -59,47 +69,69 @@ class RunSummary:
     # What the generator measured of itself, by process (a probe's; a swarm's collector
     # writes its workers' into the document itself).
     generator: dict[str, Any] | None = None
-    # A probe's worst own delay on any of its timestamps (its loop's stalls, its late sends),
-    # in µs; None when not watched (a swarm's document judges its workers itself). With it,
-    # what tells the probe's delay from the target's: the latency of the slowest late
-    # message, and for each lost message the latency it turned up at after all (None: never).
-    own_delay_us: int | None = None
-    late_max_us: int | None = None
-    lost_seen_at_us: list[int | None] = field(default_factory=list)
+    # What tells a probe's own delay from the target's (None: not watched; a swarm's
+    # collector judges its workers itself): the most the probe may have held back a
+    # receipt's timestamp (its worst loop lag plus its lag timer's grain), the most it sent a
+    # message after its plan, and each late and lost message's latency counted from its
+    # actual send (None: a lost message that never turned up).
+    receipt_delay_us: int | None = None
+    send_lag_max_us: int = 0
+    late_from_send_us: list[int] = field(default_factory=list)
+    lost_from_send_us: list[int | None] = field(default_factory=list)
 
     def status(self, thresholds: Thresholds | None = None) -> Status:
-        if self.own_delay_reasons(thresholds):
-            return Status.UNKNOWN
-        return self._status_of_target(thresholds)
+        return self._verdict(thresholds)[0]
 
     def own_delay_reasons(self, thresholds: Thresholds | None = None) -> list[str]:
         """Why the verdict may be the probe's own doing (measurement.md, rule 8; a harness
-        fault must never be reported as the product's): empty unless the probe's worst own
-        delay could have made every late message late, every lost one lost, or the p99 cross
-        the threshold it is judged by. A shorter stall leaves the verdict standing."""
-        delay = self.own_delay_us
+        fault must never be reported as the product's): empty unless the probe's own delays
+        could explain everything the verdict rests on."""
+        return self._verdict(thresholds)[1]
+
+    def own_delay_note(self, thresholds: Thresholds | None = None) -> str | None:
+        """A loss the probe's own delay could explain, beside a WARNING that stands."""
+        return self._verdict(thresholds)[2]
+
+    def _verdict(self, thresholds: Thresholds | None) -> tuple[Status, list[str], str | None]:
+        """The status, why it is UNKNOWN if the probe's own delay is why, and a note when
+        that delay explains only the loss. A message's own-delay share is the time it was
+        sent after its plan plus the most a receipt was held back; what is left of its
+        latency is the target's. One message late or lost beyond its share makes the verdict
+        stand, and so does anything a delay cannot cause (duplicates, reordering,
+        misrouting, forgery) or evidence that is not complete."""
         status = self._status_of_target(thresholds)
-        if delay is None or status in (Status.OK, Status.UNKNOWN) or self.fatal is not None:
-            return []
+        held = self.receipt_delay_us
+        if held is None or status in (Status.OK, Status.UNKNOWN) or self.fatal is not None:
+            return status, [], None
         counts = self.counts
-        if status is Status.CRITICAL:
-            deadline_us = self.deadline_ms * 1000
-            if counts.misrouted or counts.forged or not counts.lost or any(
-                    seen is None or seen - delay > deadline_us for seen in self.lost_seen_at_us):
-                return []
-            what = (f"its {counts.lost} lost messages all turned up, within {delay / 1000:g} "
-                    "ms of their deadline")
-        else:
-            limit = thresholds.p99_warning_ms if thresholds else None
-            if counts.duplicate or counts.reordered or (
-                    self.late_max_us is not None
-                    and self.late_max_us - delay > self.sla_ms * 1000) or (
-                    limit is not None and self.latency.count
-                    and self.latency.percentile_us(99.0) - delay > limit * 1000):
-                return []
-            what = "no message was late by more than that"
-        return [f"the probe's own loop held its timestamps back by up to {delay / 1000:g} ms "
-                f"and {what}: its {status.name} may be its own delay, not the target's"]
+        sla_us, deadline_us = self.sla_ms * 1000, self.deadline_ms * 1000
+        late_evidence = len(self.late_from_send_us) == counts.late
+        warning_stands = bool(counts.duplicate or counts.reordered or (
+            counts.late and (not late_evidence or any(
+                latency - held > sla_us for latency in self.late_from_send_us))))
+        limit = thresholds.p99_warning_ms if thresholds else None
+        if limit is not None and self.latency.count and (
+                self.latency.percentile_us(99.0) - self.send_lag_max_us - held
+                > limit * 1000):
+            warning_stands = True
+        own = (f"the probe sent up to {self.send_lag_max_us / 1000:g} ms after its plan and "
+               f"its loop may have held receipts back up to {held / 1000:g} ms")
+        if status is Status.WARNING:
+            if warning_stands:
+                return status, [], None
+            return Status.UNKNOWN, [f"{own}, which explains every late message and a slow "
+                                    "p99: its WARNING may be its own delay, not the target's"], None
+        if counts.misrouted or counts.forged or not counts.lost or (
+                len(self.lost_from_send_us) != counts.lost) or any(
+                latency is None or latency - held > deadline_us
+                for latency in self.lost_from_send_us):
+            return status, [], None
+        loss = (f"its {counts.lost} lost messages all turned up, within what that explains "
+                "of their deadline")
+        if warning_stands:
+            return Status.WARNING, [], f"{own}; {loss}: the loss may be its own"
+        return Status.UNKNOWN, [f"{own}; {loss}: its CRITICAL may be its own delay, not the "
+                                "target's"], None
 
     def _status_of_target(self, thresholds: Thresholds | None) -> Status:
         if self.harness_error is not None:
@@ -137,9 +169,9 @@ class RunSummary:
     def to_json(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
         counts = self.counts
         status = self.status(thresholds)
-        own_delay = {} if self.own_delay_us is None else {
-            "valid": not self.own_delay_reasons(thresholds),
-            "invalid_reasons": self.own_delay_reasons(thresholds)}
+        _, reasons, note = self._verdict(thresholds)
+        own_delay: dict[str, Any] = {} if self.receipt_delay_us is None else {
+            "valid": not reasons, "invalid_reasons": reasons, "own_delay_note": note}
         return {
             "run": self.run,
             "target": self.target,
@@ -218,6 +250,8 @@ def render_table(doc: dict[str, Any]) -> str:
             lines.append(f"  generator {name}: {generator['late_sends']} of "
                          f"{generator['sends']} sends left more than {LATE_SEND_US // 1000} ms "
                          f"after their plan (their latency counts from the plan)")
+    if doc.get("own_delay_note"):
+        lines.append(f"  note: {doc['own_delay_note']}")
     if doc.get("partial"):
         lines.append(f"  RUN PARTIAL: stopped before every message had its outcome; "
                      f"{doc.get('pending', 0)} still pending (neither delivered nor lost)")

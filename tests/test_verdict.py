@@ -11,7 +11,7 @@ import pytest
 from chatprobe.diagnosis import Cause, Diagnosis
 from chatprobe.histogram import LatencyHistogram
 from chatprobe.ledger import LedgerCounts
-from chatprobe.verdict import RunSummary, Status, Thresholds, render_table
+from chatprobe.verdict import RunSummary, Status, Thresholds, render_table, worst
 
 
 def latency(*values_us: int) -> LatencyHistogram:
@@ -168,53 +168,93 @@ def test_render_table_lists_diagnoses_and_events() -> None:
 
 
 # -- rule 8: a probe's own delay is never reported as the target's ----------------------------
-# summary() judges with SLA 3,000 ms and deadline 10,000 ms.
+# summary() judges with SLA 3,000 ms and deadline 10,000 ms. Latencies below are counted from
+# each message's actual send; the probe's receipts may have been held back receipt_delay_us.
 
 
 def test_late_messages_the_probes_own_delay_could_explain_make_the_verdict_unknown() -> None:
-    late = LedgerCounts(sent=10, delivered=9, late=1)
-    stalled = summary(late, own_delay_us=400_000, late_max_us=3_300_000)
+    late = LedgerCounts(sent=10, delivered=8, late=2)
+    stalled = summary(late, receipt_delay_us=400_000, late_from_send_us=[3_300_000, 3_100_000])
     assert stalled.status() is Status.UNKNOWN
     doc = stalled.to_json()
     assert doc["status"] == "UNKNOWN" and doc["exit_code"] == 3 and doc["valid"] is False
     assert "400 ms" in doc["invalid_reasons"][0] and "WARNING" in doc["invalid_reasons"][0]
     assert "RUN INVALID" in render_table(doc)
-    # One message later than the SLA plus everything the probe could have added: it stands.
-    assert summary(late, own_delay_us=400_000, late_max_us=3_500_000).status() is (
-        Status.WARNING)
+    # One message later than the SLA plus all the probe could have added: it stands.
+    assert summary(late, receipt_delay_us=400_000,
+                   late_from_send_us=[3_500_000, 3_100_000]).status() is Status.WARNING
+
+
+def test_a_message_sent_late_and_received_late_counts_both_delays_as_the_probes() -> None:
+    """Sent 600 ms after its plan by a stalled probe, then its receipt held back by another
+    stall: its 3.7 s from the plan are 3.1 s from the send, of which up to 620 ms may be the
+    probe's again. The target's share is under the SLA: not a WARNING."""
+    late = LedgerCounts(sent=10, delivered=9, late=1)
+    both = summary(late, receipt_delay_us=620_000, send_lag_max_us=600_000,
+                   late_from_send_us=[3_100_000])
+    assert both.status() is Status.UNKNOWN
 
 
 def test_a_probe_that_held_nothing_back_keeps_its_verdict_and_says_it_is_valid() -> None:
     late = LedgerCounts(sent=10, delivered=9, late=1)
-    doc = summary(late, own_delay_us=20_000, late_max_us=3_100_000).to_json()
+    doc = summary(late, receipt_delay_us=20_000, late_from_send_us=[3_100_000]).to_json()
     assert doc["status"] == "WARNING" and doc["valid"] is True and doc["invalid_reasons"] == []
     # A swarm's summary carries no own delay (its collector judges its workers): no keys.
-    assert "valid" not in summary(late, late_max_us=3_100_000).to_json()
+    assert "valid" not in summary(late).to_json()
 
 
 def test_lost_messages_that_turned_up_within_the_probes_own_delay_are_not_a_verdict() -> None:
     lost = LedgerCounts(sent=10, delivered=8, lost=2)
-    assert summary(lost, own_delay_us=300_000,
-                   lost_seen_at_us=[10_100_000, 10_250_000]).status() is Status.UNKNOWN
+    assert summary(lost, receipt_delay_us=300_000,
+                   lost_from_send_us=[10_100_000, 10_250_000]).status() is Status.UNKNOWN
     # One never arrived at all, or arrived later than the delay can explain: loss stands.
-    assert summary(lost, own_delay_us=300_000,
-                   lost_seen_at_us=[10_100_000, None]).status() is Status.CRITICAL
-    assert summary(lost, own_delay_us=300_000,
-                   lost_seen_at_us=[10_100_000, 10_400_000]).status() is Status.CRITICAL
+    assert summary(lost, receipt_delay_us=300_000,
+                   lost_from_send_us=[10_100_000, None]).status() is Status.CRITICAL
+    assert summary(lost, receipt_delay_us=300_000,
+                   lost_from_send_us=[10_100_000, 10_400_000]).status() is Status.CRITICAL
+    # Evidence that is not complete (fewer records than lost messages): the loss stands.
+    assert summary(lost, receipt_delay_us=300_000,
+                   lost_from_send_us=[10_100_000]).status() is Status.CRITICAL
+
+
+def test_a_loss_the_probe_could_have_made_leaves_a_real_warning_standing_with_a_note() -> None:
+    counts = LedgerCounts(sent=100, delivered=49, late=50, lost=1)
+    mixed = summary(counts, receipt_delay_us=300_000, lost_from_send_us=[10_100_000],
+                    late_from_send_us=[8_000_000] * 50)
+    doc = mixed.to_json()
+    assert doc["status"] == "WARNING" and doc["valid"] is True, doc["invalid_reasons"]
+    assert "the loss may be its own" in doc["own_delay_note"]
+    assert "note: " in render_table(doc)
+    duplicated = LedgerCounts(sent=10, delivered=9, lost=1, duplicate=1)
+    assert summary(duplicated, receipt_delay_us=300_000,
+                   lost_from_send_us=[10_100_000]).status() is Status.WARNING
 
 
 def test_what_a_delay_cannot_cause_stands_whatever_the_probes_delay() -> None:
     huge = 60_000_000
     assert summary(LedgerCounts(sent=10, delivered=10, duplicate=1),
-                   own_delay_us=huge).status() is Status.WARNING
+                   receipt_delay_us=huge).status() is Status.WARNING
     assert summary(LedgerCounts(sent=10, delivered=10, misrouted=1),
-                   own_delay_us=huge).status() is Status.CRITICAL
-    assert summary(own_delay_us=huge).status() is Status.OK  # delays only make things slower
+                   receipt_delay_us=huge).status() is Status.CRITICAL
+    assert summary(receipt_delay_us=huge).status() is Status.OK  # delays only slow things
 
 
 def test_a_p99_threshold_crossed_only_by_the_probes_own_delay_is_unknown() -> None:
-    slow = latency(*([2000] * 9), 9_000)  # p99 9 ms
-    assert summary(hist=slow, own_delay_us=5_000).status(
+    slow = latency(*([2000] * 9), 9_000)  # p99 9 ms, counted from the plan
+    assert summary(hist=slow, receipt_delay_us=3_000, send_lag_max_us=2_000).status(
         Thresholds(p99_warning_ms=5.0)) is Status.UNKNOWN
-    assert summary(hist=slow, own_delay_us=2_000).status(
+    assert summary(hist=slow, receipt_delay_us=2_000).status(
         Thresholds(p99_warning_ms=5.0)) is Status.WARNING
+
+
+def test_several_verdicts_as_one_rank_a_proven_critical_above_an_unknown() -> None:
+    from chatprobe.netem.session import combine
+
+    assert worst([Status.UNKNOWN, Status.CRITICAL, Status.WARNING]) is Status.CRITICAL
+    assert worst([Status.WARNING, Status.UNKNOWN]) is Status.UNKNOWN
+    assert worst([]) is Status.OK
+    # Profiles: a lossy profile's proven CRITICAL beside a clean one the probe could not
+    # judge (its own stall) is CRITICAL, exit 2, not UNKNOWN.
+    documents = [{"status": "UNKNOWN", "exit_code": 3, "target": "t"},
+                 {"status": "CRITICAL", "exit_code": 2, "target": "t"}]
+    assert combine(documents)["exit_code"] == 2

@@ -26,12 +26,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from chatprobe.canary.model import SEVERITY, CanaryRun, CheckResult
+from chatprobe.canary.model import CanaryRun, CheckResult
 from chatprobe.config import reject_unknown
 from chatprobe.diagnosis import DESCRIPTIONS, Cause
 from chatprobe.errors import HarnessError
 from chatprobe.redact import one_line, public_url
-from chatprobe.verdict import Status
+from chatprobe.verdict import SEVERITY, Status
 
 FORMATS = ("generic", "wecom", "dingtalk", "slack")
 ALERT = "alert"

@@ -25,12 +25,12 @@ from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from chatprobe.canary.alerts import is_http_url
-from chatprobe.canary.model import SEVERITY, CanaryRun, CheckResult
+from chatprobe.canary.model import CanaryRun, CheckResult
 from chatprobe.config import reject_unknown
 from chatprobe.diagnosis import Cause
 from chatprobe.errors import HarnessError
 from chatprobe.redact import one_line, public_url
-from chatprobe.verdict import Status
+from chatprobe.verdict import SEVERITY, Status
 
 DEFAULT_JOB = "chatprobe_canary"
 DEFAULT_TIMEOUT_S = 5.0

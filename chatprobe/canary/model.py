@@ -7,11 +7,10 @@ metrics and alerts line up); its status follows the Nagios convention of verdict
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chatprobe.verdict import Status
+from chatprobe.verdict import SEVERITY, Status, worst
 
 # The kinds of check, in the order a target's checks run.
 RECEIVE = "receive"  # the agent logs in and receives a stamped message on the channel
@@ -24,7 +23,6 @@ CHECK_KINDS = (RECEIVE, REPLY, LATENCY, IDLE)
 CERTIFICATE = "certificate"
 
 # Worst first when combining: a proven failure outranks a check that could not be judged.
-SEVERITY = {Status.OK: 0, Status.WARNING: 1, Status.UNKNOWN: 2, Status.CRITICAL: 3}
 
 
 @dataclass(frozen=True)
@@ -140,7 +138,3 @@ class CanaryRun:
                 "partial": self.partial, "harness_error": self.harness_error,
                 "host_broken": self.host_broken,
                 "checks": [r.to_json() for r in self.results]}
-
-
-def worst(statuses: Iterable[Status]) -> Status:
-    return max(statuses, key=SEVERITY.__getitem__, default=Status.OK)

@@ -20,7 +20,7 @@ from chatprobe.netem.plan import DEFAULT_PORTS, proxy_faults, run_plan
 from chatprobe.netem.proxy import FaultProxy
 from chatprobe.probe import ProbeOptions, run_probe
 from chatprobe.profiles import PlanItem, Profile
-from chatprobe.verdict import Status
+from chatprobe.verdict import SEVERITY, Status
 
 
 def tls_server_name(target_url: str) -> str | None:
@@ -178,9 +178,9 @@ async def probe_profiles(target_url: str, config: TargetConfig, options: ProbeOp
 
 def combine(documents: list[dict[str, Any]]) -> dict[str, Any]:
     """Several profiles' documents as one: the worst status, one entry per profile."""
-    worst = max(documents, key=lambda d: int(Status[str(d["status"])]))
-    return {"status": worst["status"], "exit_code": worst["exit_code"],
-            "target": worst["target"], "profiles": documents}
+    worst_doc = max(documents, key=lambda d: SEVERITY[Status[str(d["status"])]])
+    return {"status": worst_doc["status"], "exit_code": worst_doc["exit_code"],
+            "target": worst_doc["target"], "profiles": documents}
 
 
 def render_side_by_side(documents: list[dict[str, Any]]) -> str:
