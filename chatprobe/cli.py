@@ -30,7 +30,7 @@ from chatprobe.config import (
 )
 from chatprobe.errors import HarnessError
 from chatprobe.paths import run_temp_dir, write_json
-from chatprobe.verdict import RunSummary, Status, render_table, worst
+from chatprobe.verdict import RunSummary, Status, document_status, render_table, worst
 
 EXIT_UNKNOWN = 3
 T = TypeVar("T")
@@ -251,12 +251,7 @@ def _write_allure(args: argparse.Namespace, doc: dict[str, Any], table: str,
 
 
 def _exit_code(doc: dict[str, Any]) -> int:
-    run_level = any(row.get("outcome") == "run" for row in doc.get("diagnoses", []))
-    if not doc.get("valid", True) and not run_level:
-        # The generator was the bottleneck: no verdict on the target. (A refused login or an
-        # unreachable target is a verdict whatever the generator's state.)
-        return EXIT_UNKNOWN
-    return int(Status[str(doc["status"])])
+    return int(document_status(doc))
 
 
 def cmd_probe(args: argparse.Namespace) -> int:

@@ -176,6 +176,9 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
         try:
             await _send_all(options, customers, conversations, state, hooks)
             await _wait_for_outcomes(state, agents, options)
+            ledger.finish()
+            # Still watched: receipts that arrive now are judged by the loop's lag too.
+            await _linger_for_late_sends(state, int(config.deadline_ms * 1000), agents)
         except asyncio.CancelledError:
             # SIGINT or SIGTERM: what was measured so far is the result, marked partial.
             # Messages still in flight stay pending (not lost: the run, not the target,
@@ -187,10 +190,14 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
         finally:
             watcher.cancel()
             state.watch.report(summary)
-        ledger.finish()
-        await _linger_for_late_sends(state, int(config.deadline_ms * 1000), agents)
-        await _explain(agent_adapter, config, options, state, agents, conversations,
-                       summary, customers)
+        try:
+            await _explain(agent_adapter, config, options, state, agents, conversations,
+                           summary, customers)
+        except asyncio.CancelledError:
+            # Every message has its outcome; only the diagnosis was cut short.
+            summary.partial = True
+            summary.harness_error = ("interrupted while the losses were being explained; "
+                                     "the counts are complete, the diagnosis partial")
         _own_delay_evidence(summary, ledger, state.watch)
     finally:
         for agent_session in agents.values():

@@ -36,6 +36,16 @@ def worst(statuses: Iterable[Status]) -> Status:
     return max(statuses, key=SEVERITY.__getitem__, default=Status.OK)
 
 
+def document_status(doc: dict[str, Any]) -> Status:
+    """A --json document's status as its exit code gives it: a run the generator made
+    invalid is UNKNOWN, unless it never got going for a reason of the target's (a refused
+    login, an unreachable target: a verdict whatever the generator's state)."""
+    run_level = any(row.get("outcome") == "run" for row in doc.get("diagnoses", []))
+    if not doc.get("valid", True) and not run_level:
+        return Status.UNKNOWN
+    return Status[str(doc["status"])]
+
+
 # When the generator's own numbers cannot be trusted (a swarm's and a probe's alike). Sends
 # later than this behind their intended time mean the generator fell behind its plan:
 LATE_SEND_US = 50_000
@@ -106,9 +116,12 @@ class RunSummary:
         counts = self.counts
         sla_us, deadline_us = self.sla_ms * 1000, self.deadline_ms * 1000
         late_evidence = len(self.late_from_send_us) == counts.late
+        # A lost message that took the target longer than the SLA was late at least.
         warning_stands = bool(counts.duplicate or counts.reordered or (
             counts.late and (not late_evidence or any(
-                latency - held > sla_us for latency in self.late_from_send_us))))
+                latency - held > sla_us for latency in self.late_from_send_us))) or any(
+            latency is not None and latency - held > sla_us
+            for latency in self.lost_from_send_us))
         limit = thresholds.p99_warning_ms if thresholds else None
         if limit is not None and self.latency.count and (
                 self.latency.percentile_us(99.0) - self.send_lag_max_us - held

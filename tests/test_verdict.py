@@ -11,7 +11,14 @@ import pytest
 from chatprobe.diagnosis import Cause, Diagnosis
 from chatprobe.histogram import LatencyHistogram
 from chatprobe.ledger import LedgerCounts
-from chatprobe.verdict import RunSummary, Status, Thresholds, render_table, worst
+from chatprobe.verdict import (
+    RunSummary,
+    Status,
+    Thresholds,
+    document_status,
+    render_table,
+    worst,
+)
 
 
 def latency(*values_us: int) -> LatencyHistogram:
@@ -204,17 +211,22 @@ def test_a_probe_that_held_nothing_back_keeps_its_verdict_and_says_it_is_valid()
 
 
 def test_lost_messages_that_turned_up_within_the_probes_own_delay_are_not_a_verdict() -> None:
+    """Lost because the probe sent them seconds late: from their actual send they took the
+    target 2.5 s, within the SLA. Neither the loss nor any lateness is the target's."""
     lost = LedgerCounts(sent=10, delivered=8, lost=2)
-    assert summary(lost, receipt_delay_us=300_000,
-                   lost_from_send_us=[10_100_000, 10_250_000]).status() is Status.UNKNOWN
+    assert summary(lost, receipt_delay_us=300_000, send_lag_max_us=8_000_000,
+                   lost_from_send_us=[2_500_000, 2_600_000]).status() is Status.UNKNOWN
     # One never arrived at all, or arrived later than the delay can explain: loss stands.
     assert summary(lost, receipt_delay_us=300_000,
-                   lost_from_send_us=[10_100_000, None]).status() is Status.CRITICAL
+                   lost_from_send_us=[2_500_000, None]).status() is Status.CRITICAL
     assert summary(lost, receipt_delay_us=300_000,
-                   lost_from_send_us=[10_100_000, 10_400_000]).status() is Status.CRITICAL
+                   lost_from_send_us=[2_500_000, 10_400_000]).status() is Status.CRITICAL
     # Evidence that is not complete (fewer records than lost messages): the loss stands.
     assert summary(lost, receipt_delay_us=300_000,
-                   lost_from_send_us=[10_100_000]).status() is Status.CRITICAL
+                   lost_from_send_us=[2_500_000]).status() is Status.CRITICAL
+    # Turned up 10.1 s after its send: the loss may be the probe's, 9.8 s of lateness is not.
+    assert summary(lost, receipt_delay_us=300_000,
+                   lost_from_send_us=[10_100_000, 10_250_000]).status() is Status.WARNING
 
 
 def test_a_loss_the_probe_could_have_made_leaves_a_real_warning_standing_with_a_note() -> None:
@@ -258,3 +270,26 @@ def test_several_verdicts_as_one_rank_a_proven_critical_above_an_unknown() -> No
     documents = [{"status": "UNKNOWN", "exit_code": 3, "target": "t"},
                  {"status": "CRITICAL", "exit_code": 2, "target": "t"}]
     assert combine(documents)["exit_code"] == 2
+
+
+def test_a_lost_message_the_target_held_beyond_the_sla_keeps_at_least_a_warning() -> None:
+    """Lost only because the probe sent it 9 s late, but the target still took 4 s of it
+    (more than the 3 s SLA): the loss may be the probe's, the lateness is not."""
+    lost = LedgerCounts(sent=10, delivered=9, lost=1)
+    doc = summary(lost, receipt_delay_us=30_000, send_lag_max_us=9_000_000,
+                  lost_from_send_us=[4_000_000]).to_json()
+    assert doc["status"] == "WARNING" and doc["valid"] is True and doc["own_delay_note"]
+
+
+def test_combined_profiles_report_the_status_their_exit_code_gives() -> None:
+    """An invalid swarm document keeps its own status (its generator could not judge it):
+    combined with a clean profile, the JSON says UNKNOWN, as the exit code does."""
+    from chatprobe.netem.session import combine
+
+    invalid = {"status": "CRITICAL", "exit_code": 2, "valid": False, "target": "t",
+               "diagnoses": []}
+    clean = {"status": "OK", "exit_code": 0, "valid": True, "target": "t", "diagnoses": []}
+    assert document_status(invalid) is Status.UNKNOWN
+    combined = combine([invalid, clean])
+    assert (combined["status"], combined["exit_code"], combined["valid"]) == ("UNKNOWN", 3,
+                                                                                False)

@@ -22,8 +22,6 @@ CHECK_KINDS = (RECEIVE, REPLY, LATENCY, IDLE)
 # expires within the configured days, CRITICAL when it is expired or otherwise refused.
 CERTIFICATE = "certificate"
 
-# Worst first when combining: a proven failure outranks a check that could not be judged.
-
 
 @dataclass(frozen=True)
 class CheckResult:

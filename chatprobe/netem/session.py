@@ -20,7 +20,7 @@ from chatprobe.netem.plan import DEFAULT_PORTS, proxy_faults, run_plan
 from chatprobe.netem.proxy import FaultProxy
 from chatprobe.probe import ProbeOptions, run_probe
 from chatprobe.profiles import PlanItem, Profile
-from chatprobe.verdict import SEVERITY, Status
+from chatprobe.verdict import document_status, worst
 
 
 def tls_server_name(target_url: str) -> str | None:
@@ -178,9 +178,11 @@ async def probe_profiles(target_url: str, config: TargetConfig, options: ProbeOp
 
 def combine(documents: list[dict[str, Any]]) -> dict[str, Any]:
     """Several profiles' documents as one: the worst status, one entry per profile."""
-    worst_doc = max(documents, key=lambda d: SEVERITY[Status[str(d["status"])]])
-    return {"status": worst_doc["status"], "exit_code": worst_doc["exit_code"],
-            "target": worst_doc["target"], "profiles": documents}
+    # As the exit code judges each (an invalid run is UNKNOWN), so that the two agree.
+    status = worst(document_status(doc) for doc in documents)
+    return {"status": status.name, "exit_code": int(status),
+            "valid": all(doc.get("valid", True) for doc in documents),
+            "target": documents[0]["target"], "profiles": documents}
 
 
 def render_side_by_side(documents: list[dict[str, Any]]) -> str:
