@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,12 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         pid = stale.name[len(target.name) + 2:-len(".tmp")]
+        # A writer's file lives for milliseconds: a minute old, with no such process here
+        # (or in another pid namespace sharing the folder, hence the age), it was killed.
         if pid.isascii() and pid.isdecimal() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                stale.unlink()  # left by a writer killed mid-write
+            with contextlib.suppress(OSError):  # gone meanwhile: nothing to do
+                if time.time() - stale.stat().st_mtime > STALE_TMP_S:
+                    stale.unlink()  # left by a writer killed mid-write
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         temporary.write_text(text, encoding="utf-8")
@@ -61,6 +65,7 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 OWNER_LOCK = ".owner.lock"
+STALE_TMP_S = 60.0
 
 
 @contextlib.contextmanager
@@ -84,7 +89,9 @@ def run_temp_dir(kind: str) -> Iterator[str]:
 
 def _remove_if_abandoned(folder: Path) -> None:
     try:
-        lock = open(folder / OWNER_LOCK, encoding="ascii")  # noqa: SIM115 (closed below)
+        # Writable (NFS emulates flock with write locks), never created: a folder without
+        # one is not judged.
+        lock = open(folder / OWNER_LOCK, "r+", encoding="ascii")  # noqa: SIM115
     except OSError:
         return  # no lock file: an older run's layout, or not a folder of ours
     with lock:

@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -84,13 +85,19 @@ def test_a_result_removes_the_temporary_file_a_killed_writer_left_beside_it(
     path = tmp_path / "run.json"
     left = tmp_path / f".run.json.{gone.pid}.tmp"
     left.write_text("{half a docu")
+    an_hour_ago = time.time() - 3600
+    os.utime(left, (an_hour_ago, an_hour_ago))
+    # No such process here, but too fresh to judge: a live writer in another pid namespace?
+    just_now = tmp_path / ".run.json.999999999.tmp"
+    just_now.write_text("{")
     writing = tmp_path / f".run.json.{os.getppid()}.tmp"  # a live writer's: not touched
     writing.write_text("{")
     impossible = tmp_path / ".run.json.99999999999999999999.tmp"  # no such pid, no crash
     impossible.write_text("{")
+    os.utime(impossible, (an_hour_ago, an_hour_ago))
     odd = tmp_path / ".run.json.²³.tmp"  # digits Python's int() takes and a pid never has
     odd.write_text("{")
     write_json(path, {"run": 3})
     assert not left.exists() and not impossible.exists()
-    assert writing.exists() and odd.exists()
+    assert writing.exists() and odd.exists() and just_now.exists()
     assert json.loads(path.read_text()) == {"run": 3}

@@ -376,16 +376,30 @@ def test_the_pinned_allure_is_the_version_the_build_expects() -> None:
 
 def test_a_build_clears_what_a_killed_build_left_and_puts_the_old_report_back(
         tmp_path: Path) -> None:
-    """Killed between its two renames, a build left no report: the previous one (renamed
-    aside) goes back in place, and the halves of killed builds go (the build lock is held)."""
+    """Killed between its two renames, a build left no report: its finished new report
+    (marker written last) goes in place, else the previous one renamed aside; the halves
+    of killed builds go (the build lock is held); nothing of another report is touched."""
     output = tmp_path / "report[1]"  # a glob character in the name must not widen the sweep
     old = tmp_path / ".report[1].old-1a2b3c4d"
     old.mkdir()
     (old / "index.html").write_text("the previous report")
-    staging = tmp_path / ".report[1].new-xyz"
-    staging.mkdir()
-    other = tmp_path / ".report1.new-abc"  # another report's build, running
+    unfinished = tmp_path / ".report[1].new-abcd1234"
+    unfinished.mkdir()
+    other = tmp_path / ".report1.new-abcd1234"  # another report's build, running
     other.mkdir()
+    also_other = tmp_path / ".report[1].old-foo.new-abcd1234"  # report "report[1].old-foo"
+    also_other.mkdir()
     _clear_killed_build(output)
     assert (output / "index.html").read_text() == "the previous report"
-    assert not old.exists() and not staging.exists() and other.is_dir()
+    assert not old.exists() and not unfinished.exists()
+    assert other.is_dir() and also_other.is_dir()
+
+    shutil.rmtree(output)
+    old.mkdir()
+    finished = tmp_path / ".report[1].new-efgh5678"
+    finished.mkdir()
+    (finished / "index.html").write_text("the new report")
+    (finished / MARKER).write_text("{}")
+    _clear_killed_build(output)
+    assert (output / "index.html").read_text() == "the new report"
+    assert not old.exists() and not finished.exists()

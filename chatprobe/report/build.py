@@ -279,12 +279,24 @@ def _strip_analytics(html: str) -> str:
 def _clear_killed_build(output: Path) -> None:
     """Under the lock no other build of this report runs: a staging or old folder beside it
     was left by a build that was killed. One killed between its two renames (see
-    :func:`_replace`) left no report: the old one goes back in place first."""
+    :func:`_replace`) left no report: its finished new one goes in place (the marker is
+    written last), else the old one."""
     name = glob.escape(output.name)
-    olds = sorted(output.parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds and not output.exists():
-        olds.pop().rename(output)
-    for stale in [*olds, *output.parent.glob(f".{name}.new-*")]:
+
+    def left(kind: str, suffix: str) -> list[Path]:
+        # Exactly the names _build and _replace make: never another report's folders.
+        found = output.parent.glob(f".{name}.{kind}-{suffix}")
+        return sorted(found, key=lambda path: path.stat().st_mtime)
+
+    olds, news = left("old", "[0-9a-f]" * 8), left("new", "?" * 8)
+    if not output.exists():
+        finished = [folder for folder in news if (folder / MARKER).is_file()]
+        if finished:
+            news.remove(finished[-1])
+            finished[-1].rename(output)
+        elif olds:
+            olds.pop().rename(output)
+    for stale in [*olds, *news]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
