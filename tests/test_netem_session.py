@@ -254,5 +254,8 @@ def test_a_swarm_whose_customers_cannot_connect_counts_their_messages_lost(
     # The customers tried: every planned message is in the ledger, and lost.
     assert doc["sent"] >= 5 and doc["lost"] == doc["sent"] and doc["delivered"] == 0
     assert reference_service.stats()["accepted"] == 0
-    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    assert doc["status"] == "CRITICAL", doc["diagnoses"]
+    # Exit 2; or 3 when a loaded machine starved the generator (the run says so and why).
+    expected = 2 if doc["valid"] else 3
+    assert result.returncode == expected, (doc["invalid_reasons"], result.stderr[-2000:])
     assert any("upgrade_refused" in e for e in doc["connection_events"])
