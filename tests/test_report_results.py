@@ -179,3 +179,13 @@ def test_the_configuration_attached_masks_secrets_at_any_depth() -> None:
     # A frame inside a document keeps its shape, loses its credential.
     frame = {"frames": [{"frame": '{"type":"hello","token":"abc123"}'}]}
     assert "abc123" not in json.dumps(scrub(frame))
+
+
+def test_a_warning_whose_loss_the_probe_could_have_made_says_so_in_its_result() -> None:
+    from chatprobe.report.results import run_status
+
+    doc = {"status": "WARNING", "sent": 10, "delivered": 8, "late": 1, "lost": 1,
+           "sla_ms": 3000.0, "latency_ms": {"p99": 3500.0}, "diagnoses": [],
+           "own_delay_note": "its 1 lost messages all turned up: the loss may be its own"}
+    status, text = run_status(doc)
+    assert status == "failed" and "the loss may be its own" in text

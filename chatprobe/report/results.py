@@ -166,7 +166,9 @@ def run_status(doc: dict[str, Any]) -> tuple[str, str]:
     if status is Status.OK:
         return "passed", counts
     category, why = _dominant(doc)
-    return ALLURE_STATUS[status], message(category, f"{counts}. {why}")
+    # A loss the probe's own delay could explain, beside a lateness that stands.
+    note = f" Note: {doc['own_delay_note']}." if doc.get("own_delay_note") else ""
+    return ALLURE_STATUS[status], message(category, f"{counts}. {why}{note}")
 
 
 def _frames_text(frames: list[dict[str, Any]], stamp: str) -> str:

@@ -288,14 +288,15 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
                                     else None)
         STATE.greenlets.append(gevent.spawn(_tick_collector, environment))
     if isinstance(runner, MasterRunner):
-        STATE.expected_workers = len(runner.clients)
-        # Sent with the spawn messages, which follow this event: each worker takes its
-        # share of the probe agents (agents_of_worker). Missing workers are not counted.
+        # The workers the run starts with; missing ones (no heartbeat) are not counted:
+        # their final batch would be waited for until quitting.
         clients = runner.clients
-        _opts(environment).cp_agent_workers = ",".join(str(runner.get_worker_index(node.id))
-                                                       for node in [*clients.ready,
-                                                                    *clients.spawning,
-                                                                    *clients.running])
+        starting = [*clients.ready, *clients.spawning, *clients.running]
+        STATE.expected_workers = len(starting)
+        # Sent with the spawn messages, which follow this event: each worker takes its
+        # share of the probe agents (agents_of_worker).
+        _opts(environment).cp_agent_workers = ",".join(
+            str(runner.get_worker_index(node.id)) for node in starting)
         STATE.greenlets.append(gevent.spawn(_sync_clocks, environment))
         return
     if STATE.engine is not None:
