@@ -92,7 +92,7 @@ LAG_WATCH_PERIOD_US = 20_000
 class _SelfWatch:
     """The probe's own share of the numbers (measurement.md, rules 3 and 8): how late its
     loop ran, how late its sends left their plan, how busy its process was. Its worst delay
-    makes a verdict UNKNOWN when they could explain it (RunSummary.own_delay_reasons)."""
+    makes a verdict UNKNOWN when they could explain it (RunSummary.status)."""
 
     sends: int = 0
     late_sends: int = 0

@@ -92,19 +92,10 @@ class RunSummary:
     def status(self, thresholds: Thresholds | None = None) -> Status:
         return self._verdict(thresholds)[0]
 
-    def own_delay_reasons(self, thresholds: Thresholds | None = None) -> list[str]:
-        """Why the verdict may be the probe's own doing (measurement.md, rule 8; a harness
-        fault must never be reported as the product's): empty unless the probe's own delays
-        could explain everything the verdict rests on."""
-        return self._verdict(thresholds)[1]
-
-    def own_delay_note(self, thresholds: Thresholds | None = None) -> str | None:
-        """A loss the probe's own delay could explain, beside a WARNING that stands."""
-        return self._verdict(thresholds)[2]
-
     def _verdict(self, thresholds: Thresholds | None) -> tuple[Status, list[str], str | None]:
-        """The status, why it is UNKNOWN if the probe's own delay is why, and a note when
-        that delay explains only the loss. A message's own-delay share is the time it was
+        """The status; why it is UNKNOWN if the probe's own delay may be why (measurement.md,
+        rule 8: a harness fault is never reported as the product's); and a note when that
+        delay explains only the loss. A message's own-delay share is the time it was
         sent after its plan plus the most a receipt was held back; what is left of its
         latency is the target's. One message late or lost beyond its share makes the verdict
         stand, and so does anything a delay cannot cause (duplicates, reordering,
@@ -181,8 +172,7 @@ class RunSummary:
 
     def to_json(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
         counts = self.counts
-        status = self.status(thresholds)
-        _, reasons, note = self._verdict(thresholds)
+        status, reasons, note = self._verdict(thresholds)
         own_delay: dict[str, Any] = {} if self.receipt_delay_us is None else {
             "valid": not reasons, "invalid_reasons": reasons, "own_delay_note": note}
         return {

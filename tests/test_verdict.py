@@ -173,7 +173,6 @@ def test_render_table_lists_diagnoses_and_events() -> None:
     assert "n/a" not in text  # availability is known
 
 
-
 # -- rule 8: a probe's own delay is never reported as the target's ----------------------------
 # summary() judges with SLA 3,000 ms and deadline 10,000 ms. Latencies below are counted from
 # each message's actual send; the probe's receipts may have been held back receipt_delay_us.

@@ -304,8 +304,9 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     worker_index = runner.worker_index if isinstance(runner, WorkerRunner) else 0
     STATE.script = load_script(_opts(environment).cp_script)
     STATE.failure_reported = False
+    # Empty unless a master named the workers it started with.
     workers = [int(index) for index in _opts(environment).cp_agent_workers.split(",")
-               if index.isascii() and index.isdecimal()] if isinstance(runner, WorkerRunner) else []
+               if index.isascii() and index.isdecimal()]
     STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}", run_agents=True,
                                 script=STATE.script,
                                 agent_url=_opts(environment).cp_agent_target or None,
