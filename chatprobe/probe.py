@@ -76,6 +76,8 @@ class ProbeHooks:
 
     after_open: Callable[[list[Conversation]], Awaitable[None]] | None = None
     after_send: Callable[[int], Awaitable[None]] | None = None  # called with the count sent
+    # Called once when the probe listens on for lost messages it sent late (with how many).
+    lingering: Callable[[int], Awaitable[None]] | None = None
 
 
 def now_us() -> int:
@@ -173,19 +175,25 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
         state.watch = _SelfWatch()
         watcher = asyncio.get_running_loop().create_task(
             watch_loop_lag(state.watch.lagged, LAG_WATCH_PERIOD_US))
+        finished = False
         try:
             await _send_all(options, customers, conversations, state, hooks)
             await _wait_for_outcomes(state, agents, options)
             ledger.finish()
+            finished = True
             # Still watched: receipts that arrive now are judged by the loop's lag too.
-            await _linger_for_late_sends(state, int(config.deadline_ms * 1000), agents)
+            await _linger_for_late_sends(state, int(config.deadline_ms * 1000), agents,
+                                         options, hooks)
         except asyncio.CancelledError:
             # SIGINT or SIGTERM: what was measured so far is the result, marked partial.
             # Messages still in flight stay pending (not lost: the run, not the target,
             # stopped waiting for them).
             summary.partial = True
-            summary.harness_error = ("interrupted before every message had its outcome; "
-                                     "the results are partial")
+            summary.harness_error = (
+                "interrupted while listening on for lost messages the probe itself sent "
+                "late; the counts are complete, but whether those losses were its own "
+                "delay is unknown" if finished else
+                "interrupted before every message had its outcome; the results are partial")
             return summary
         finally:
             watcher.cancel()
@@ -223,13 +231,16 @@ def _own_delay_evidence(summary: RunSummary, ledger: Ledger, watch: _SelfWatch) 
 
 
 async def _linger_for_late_sends(state: _RunState, deadline_us: int,
-                                 agents: dict[str, AgentSession]) -> None:
+                                 agents: dict[str, AgentSession], options: ProbeOptions,
+                                 hooks: ProbeHooks) -> None:
     """A message the probe itself sent late had less than its deadline to arrive before
     the ledger gave up on it (deadlines count from the plan): listen on until each lost
     message that never turned up has had its deadline from its actual send, so that its
     arrival, if it comes, tells the probe's delay from the target's (bounded by the probe's
     own send lag and loop lag)."""
     ledger = state.ledger
+    started = False
+    last_progress = 0.0
     while not agents or any(agent.failure is None for agent in agents.values()):
         unseen = [r.sent_us for r in ledger.lost_records if r.first_receipt_us is None]
         until_us = (max(unseen) + deadline_us + state.watch.receipt_delay_us()
@@ -237,6 +248,16 @@ async def _linger_for_late_sends(state: _RunState, deadline_us: int,
         remaining_s = (until_us - now_us()) / 1e6
         if remaining_s <= 0:
             return
+        if not started:
+            started = True
+            if hooks.lingering is not None:
+                await hooks.lingering(len(unseen))
+        # Seconds of silence after the counts are in would look like a hang.
+        if options.progress and (remaining_s >= 1.0 or last_progress) and (
+                time.monotonic() - last_progress >= options.progress_every_s):
+            last_progress = time.monotonic()
+            options.progress(f"listening on {remaining_s:.1f} s more: {len(unseen)} lost "
+                             "messages may still arrive (the probe sent late or lagged)")
         state.arrived.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(0.25, remaining_s)):

@@ -83,6 +83,44 @@ def test_lateness_of_the_probes_own_making_is_unknown_and_the_targets_is_a_warni
     assert slow.status() is Status.WARNING
 
 
+def test_a_probe_interrupted_while_it_listens_on_keeps_its_complete_counts(
+        reference_service: ServiceProcess) -> None:
+    """A probe that sent late listens on after the deadlines, to see whether its lost
+    messages still arrive (the verdict's own-delay rule). Interrupted then, as SIGINT and
+    SIGTERM interrupt it (cli._interruptible cancels its task), it keeps the counts it has,
+    all of them final, and says which question was left open. The service drops every
+    message; the probe's loop is blocked for 1.5 s after its first send, so the other nine
+    leave 1.5 s late and it has seconds to listen on."""
+    reference_service.ok("POST", "/admin/faults", {"drop": 1.0})
+    progress: list[str] = []
+    listened_for: list[int] = []
+
+    async def stall_once(count: int) -> None:
+        if count == 1:
+            time.sleep(1.5)  # blocks the probe's own loop: the injected fault
+
+    async def interrupt(unseen: int) -> None:
+        listened_for.append(unseen)
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()  # lands at the probe's next wait: while it listens on
+
+    config = reference_service.target_config(sla_ms=1000.0, deadline_ms=2000.0)
+    options = ProbeOptions(messages=10, customers=2, rate_per_s=1000.0,
+                           progress=progress.append)
+    hooks = ProbeHooks(after_send=stall_once, lingering=interrupt)
+    summary = asyncio.run(asyncio.wait_for(
+        run_probe(reference_service.base_url, config, options, hooks), timeout=scaled(60)))
+    assert listened_for == [10]
+    assert any(line.startswith("listening on") for line in progress), progress
+    doc = summary.to_json()
+    assert doc["partial"] is True and doc["status"] == "UNKNOWN", doc
+    assert "listening on" in doc["harness_error"] and "counts are complete" in (
+        doc["harness_error"])
+    assert doc["sent"] == doc["lost"] == reference_service.stats()["dropped"] == 10
+    assert doc["pending"] == 0
+
+
 def test_loss_duplicates_and_reordering_equal_service_counters(
         reference_service: ServiceProcess) -> None:
     reference_service.ok("POST", "/admin/faults",
