@@ -56,6 +56,7 @@ class TargetConfig:
     channels: tuple[str, ...] = ("web",)
     sla_ms: float = 3000.0
     deadline_ms: float = 10000.0
+    p99_warning_ms: float | None = None  # a p99 latency above this is a WARNING
     connect_timeout_s: float = 5.0
     reconnect_window_s: float = 30.0
     # WebSocket pings: a connection whose pong does not come back within the timeout is
@@ -139,7 +140,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
         raise HarnessError(f"{source}: a target config must be a mapping")
     known = {"protocol", "shop", "agents", "admin_token", "admin_token_env",
              "admin_token_file", "client_version", "channels",
-             "sla_ms", "deadline_ms", "connect_timeout_s", "reconnect_window_s",
+             "sla_ms", "deadline_ms", "p99_warning_ms", "connect_timeout_s", "reconnect_window_s",
              "heartbeat_interval_s", "heartbeat_timeout_s", "long_poll_fallback",
              "ca_bundle", "client_cert", "client_key", "tls_server_name", "extra"}
     reject_unknown(document, known, source)
@@ -170,6 +171,9 @@ def parse_target(document: Any, source: str) -> TargetConfig:
                        3_600_000)
     if deadline < sla:
         raise HarnessError(f"{source}: deadline_ms must be at least sla_ms")
+    p99_warning = document.get("p99_warning_ms")
+    if p99_warning is not None:
+        p99_warning = _number(p99_warning, f"{source}: p99_warning_ms", 1, 3_600_000)
     fallback = document.get("long_poll_fallback", True)
     if not isinstance(fallback, bool):
         raise HarnessError(f"{source}: 'long_poll_fallback' must be true or false")
@@ -203,6 +207,7 @@ def parse_target(document: Any, source: str) -> TargetConfig:
         channels=tuple(channels_raw),
         sla_ms=sla,
         deadline_ms=deadline,
+        p99_warning_ms=p99_warning,
         connect_timeout_s=_number(document.get("connect_timeout_s", 5), f"{source}: "
                                   "connect_timeout_s", 0.1, 300),
         reconnect_window_s=_number(document.get("reconnect_window_s", 30), f"{source}: "
@@ -250,10 +255,12 @@ def with_inherited_tls_name(config: TargetConfig) -> TargetConfig:
 
 
 def with_overrides(config: TargetConfig, admin_token: str | None = None,
-                   sla_ms: float | None = None, deadline_ms: float | None = None
-                   ) -> TargetConfig:
+                   sla_ms: float | None = None, deadline_ms: float | None = None,
+                   p99_warning_ms: float | None = None) -> TargetConfig:
     """The config with command-line values in place of the file's (unset ones ignored)."""
     changes: dict[str, Any] = {}
+    if p99_warning_ms:
+        changes["p99_warning_ms"] = p99_warning_ms
     if admin_token:
         changes["admin_token"] = admin_token
     if sla_ms:

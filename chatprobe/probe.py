@@ -151,7 +151,7 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
     ledger = Ledger(codec, int(config.sla_ms * 1000), int(config.deadline_ms * 1000))
     state = _RunState(ledger, asyncio.Event())
     summary = RunSummary(codec.run, target_url, ledger.counts, ledger.latency, config.sla_ms,
-                         config.deadline_ms, events=state.events)
+                         config.deadline_ms, config.p99_warning_ms, events=state.events)
     started = time.monotonic()
     adapter = adapter_for(config.protocol)(target_url, config)
     agent_adapter = adapter if agent_url in (None, target_url) else adapter_for(

@@ -69,6 +69,9 @@ class RunSummary:
     latency: LatencyHistogram
     sla_ms: float
     deadline_ms: float
+    # The target config's p99 threshold (a WARNING above it), used when status() and
+    # to_json() are given no Thresholds of their own.
+    p99_warning_ms: float | None = None
     diagnoses: list[tuple[str, Diagnosis]] = field(default_factory=list)  # (outcome, diag)
     fatal: Diagnosis | None = None
     events: Counter[str] = field(default_factory=Counter)
@@ -100,6 +103,8 @@ class RunSummary:
         latency is the target's. One message late or lost beyond its share makes the verdict
         stand, and so does anything a delay cannot cause (duplicates, reordering,
         misrouting, forgery) or evidence that is not complete."""
+        if thresholds is None and self.p99_warning_ms is not None:
+            thresholds = Thresholds(self.p99_warning_ms)
         status = self._status_of_target(thresholds)
         held = self.receipt_delay_us
         if held is None or status in (Status.OK, Status.UNKNOWN) or self.fatal is not None:
@@ -173,6 +178,7 @@ class RunSummary:
     def to_json(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
         counts = self.counts
         status, reasons, note = self._verdict(thresholds)
+        p99_warning_ms = thresholds.p99_warning_ms if thresholds else self.p99_warning_ms
         own_delay: dict[str, Any] = {} if self.receipt_delay_us is None else {
             "valid": not reasons, "invalid_reasons": reasons, "own_delay_note": note}
         return {
@@ -195,6 +201,7 @@ class RunSummary:
             "availability_formula": "delivered_within_sla / (delivered + late + lost)",
             "sla_ms": self.sla_ms,
             "deadline_ms": self.deadline_ms,
+            "p99_warning_ms": p99_warning_ms,
             "latency_ms": self.latency.summary_ms() | {"count": self.latency.count},
             "latency_histogram": self.latency.encode(),
             "diagnoses": self.diagnosis_table(),
@@ -240,6 +247,10 @@ def render_table(doc: dict[str, Any]) -> str:
         f" (within SLA {doc['sla_ms']:g} ms; lost after {doc['deadline_ms']:g} ms)",
         _latency_line(lat, (doc.get("clock") or {}).get("uncertainty_ms")),
     ]
+    p99_warning_ms = doc.get("p99_warning_ms")
+    if p99_warning_ms is not None and lat["count"] and lat["p99"] > p99_warning_ms:
+        lines.append(f"  p99 {lat['p99']:g} ms is above the {p99_warning_ms:g} ms threshold "
+                     "(p99_warning_ms)")
     if doc["diagnoses"]:
         lines.append("")
         lines.append("  diagnosis:")
@@ -256,8 +267,11 @@ def render_table(doc: dict[str, Any]) -> str:
     if doc.get("own_delay_note"):
         lines.append(f"  note: {doc['own_delay_note']}")
     if doc.get("partial"):
-        lines.append(f"  RUN PARTIAL: stopped before every message had its outcome; "
-                     f"{doc.get('pending', 0)} still pending (neither delivered nor lost)")
+        if doc.get("pending", 0):
+            lines.append(f"  RUN PARTIAL: stopped before every message had its outcome; "
+                         f"{doc['pending']} still pending (neither delivered nor lost)")
+        else:  # stopped later: every count is final, something else was left undone
+            lines.append(f"  RUN PARTIAL: {doc.get('harness_error') or 'stopped early'}")
     if doc.get("valid") is False:
         lines.append("  RUN INVALID: these numbers describe the harness (its load "
                      "generator or its clocks), not the target:")

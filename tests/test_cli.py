@@ -16,6 +16,7 @@ import pytest
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
+from chatprobe.config import default_target_path
 from tests.conftest import ROOT, ServiceProcess, scaled
 
 
@@ -195,6 +196,34 @@ def test_probe_writes_json_and_allure_results(reference_service: ServiceProcess,
     for attachment in allure["attachments"]:
         assert (allure_dir / attachment["source"]).is_file()
     assert "delivered" in result.stdout and "OK" in result.stdout
+
+
+def test_a_p99_above_its_threshold_is_a_warning_and_below_it_ok(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    """The service holds every push 300 ms (its counter says it did): against a 100 ms
+    p99 threshold the probe exits 1 and says why; against 1000 ms, 0. A target config's
+    p99_warning_ms applies when no flag is given."""
+    reference_service.ok("POST", "/admin/faults", {"delay_ms": 300})
+    json_path = tmp_path / "slow.json"
+    result = chatprobe("probe", "--target", reference_service.base_url, "--messages", "40",
+                       "--customers", "4", "--p99-warning-ms", "100", "--json",
+                       str(json_path), "--quiet")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    doc = json.loads(json_path.read_text())
+    assert doc["status"] == "WARNING" and doc["p99_warning_ms"] == 100.0
+    assert doc["late"] == doc["lost"] == 0 and doc["latency_ms"]["p99"] > 300, doc
+    assert "above the 100 ms threshold" in result.stdout
+    assert reference_service.stats()["delayed"] == 40
+
+    config = tmp_path / "target.yaml"
+    config.write_text(default_target_path().read_text() + "p99_warning_ms: 1000\n")
+    result = chatprobe("probe", "--target", reference_service.base_url, "--messages", "40",
+                       "--customers", "4", "--config", str(config), "--json",
+                       str(json_path), "--quiet")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    doc = json.loads(json_path.read_text())
+    assert doc["status"] == "OK" and doc["p99_warning_ms"] == 1000.0
+    assert "threshold" not in result.stdout
 
 
 def test_demo_runs_the_main_job_and_exits_0(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from chatprobe.config import (
     default_target_path,
     load_target,
     parse_target,
+    with_overrides,
 )
 from chatprobe.errors import HarnessError
 
@@ -60,6 +61,15 @@ def test_single_channel_string() -> None:
     assert parse_target(good(channels="app"), "x").channels == ("app",)
 
 
+def test_a_p99_threshold_is_optional_and_overridable() -> None:
+    assert parse_target(good(), "x").p99_warning_ms is None
+    assert parse_target(good(p99_warning_ms=None), "x").p99_warning_ms is None
+    config = parse_target(good(p99_warning_ms=800), "x")
+    assert config.p99_warning_ms == 800.0
+    assert with_overrides(config, p99_warning_ms=250.0).p99_warning_ms == 250.0
+    assert with_overrides(config).p99_warning_ms == 800.0  # no flag: the file's
+
+
 def test_sla_equal_to_deadline_allowed() -> None:
     config = parse_target(good(sla_ms=2000, deadline_ms=2000), "x")
     assert config.sla_ms == config.deadline_ms == 2000.0
@@ -88,6 +98,9 @@ def test_sla_equal_to_deadline_allowed() -> None:
     ({"sla_ms": float("nan")}, "sla_ms"),
     ({"deadline_ms": 3_600_001}, "deadline_ms"),
     ({"deadline_ms": float("inf")}, "deadline_ms"),
+    ({"p99_warning_ms": "1s"}, "p99_warning_ms"),
+    ({"p99_warning_ms": 0}, "p99_warning_ms"),
+    ({"p99_warning_ms": False}, "p99_warning_ms"),
     ({"sla_ms": 5000, "deadline_ms": 4000}, "deadline_ms"),
     ({"sla_ms": 2000, "deadline_ms": 1999.5}, "deadline_ms"),
     ({"connect_timeout_s": 0.05}, "connect_timeout_s"),

@@ -117,6 +117,7 @@ def test_a_probe_interrupted_while_it_listens_on_keeps_its_complete_counts(
     assert doc["partial"] is True and doc["status"] == "UNKNOWN", doc
     assert "listening on" in doc["harness_error"] and "counts are complete" in (
         doc["harness_error"])
+    assert "RUN PARTIAL: interrupted while listening on" in render_table(doc)
     assert doc["sent"] == doc["lost"] == reference_service.stats()["dropped"] == 10
     assert doc["pending"] == 0
 

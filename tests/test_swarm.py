@@ -170,6 +170,18 @@ def test_agent_replies_are_measured_on_the_way_back_to_the_customer(
     assert doc["lost"] == 0 and doc["misrouted"] == 0
 
 
+def test_a_swarm_whose_p99_is_above_its_threshold_is_a_warning(
+        reference_service: ServiceProcess, tmp_path: Path) -> None:
+    """--p99-warning-ms reaches the master through Locust's options: every push held 300 ms
+    by the service (its counter says so), nothing late against the 2 s SLA, and still a
+    WARNING, because p99 is above 100 ms."""
+    reference_service.ok("POST", "/admin/faults", {"delay_ms": 300})
+    doc = swarm(reference_service, shape_file(tmp_path, [(4, 5, 5)]), p99_warning_ms=100.0)
+    assert reference_service.stats()["delayed"] > 0
+    assert doc["late"] == doc["lost"] == 0 and doc["latency_ms"]["p99"] > 300, doc
+    assert doc["p99_warning_ms"] == 100.0 and doc["status"] == "WARNING", doc["status"]
+
+
 def test_swarm_whose_agents_cannot_log_in_is_critical_not_ok(
         reference_service: ServiceProcess, tmp_path: Path) -> None:
     config = tmp_path / "target.yaml"

@@ -288,7 +288,7 @@ def write_probe_results(directory: Path, doc: dict[str, Any], table: str,
 class SwarmSlos:
     """The thresholds a swarm's SLO results pass or fail against."""
 
-    p99_ms: float  # default: the target config's SLA
+    p99_ms: float  # default: the target config's p99_warning_ms, else its SLA
     max_lost: int = 0
     min_availability: float = 0.999
 

@@ -109,6 +109,8 @@ def _options(parser: Any) -> None:
                        help="do not print chatprobe's summary at the end")
     group.add_argument("--cp-sla-ms", type=float, default=0.0)
     group.add_argument("--cp-deadline-ms", type=float, default=0.0)
+    group.add_argument("--cp-p99-warning-ms", type=float, default=0.0,
+                       help="a p99 latency above this (ms) makes the run a WARNING")
     # Generated on the master and passed to workers with the spawn message; the key can be
     # chosen through the environment (never on a command line, where ps shows it).
     group.add_argument("--cp-run", default="", include_in_web_ui=False)
@@ -152,7 +154,7 @@ def _target(environment: Environment) -> tuple[str, Any]:
     if not host:
         raise HarnessError("no target: pass --host URL (or --target to chatprobe swarm)")
     return host, with_overrides(config, options.cp_admin_token, options.cp_sla_ms,
-                                options.cp_deadline_ms)
+                                options.cp_deadline_ms, options.cp_p99_warning_ms)
 
 
 def _codec(environment: Environment) -> StampCodec:
@@ -378,7 +380,7 @@ def _write_summary(environment: Environment) -> None:
     host, config = _target(environment)
     ledger = collector.ledger
     summary = RunSummary(ledger.codec.run, host, ledger.counts, ledger.latency, config.sla_ms,
-                         config.deadline_ms)
+                         config.deadline_ms, config.p99_warning_ms)
     for worker, what, cause in collector.failures:
         if cause is not None:  # the target refused or failed: CRITICAL with its diagnosis
             summary.fatal = Diagnosis(Cause(cause), f"{worker}: {what}")

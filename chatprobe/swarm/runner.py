@@ -71,6 +71,7 @@ class SwarmOptions:
     admin_token: str | None = None
     sla_ms: float | None = None
     deadline_ms: float | None = None
+    p99_warning_ms: float | None = None
     csv_prefix: str | None = None
     extra_locust_args: tuple[str, ...] = ()
     command_prefix: tuple[str, ...] = ()  # e.g. ("taskset", "-c", "0") to pin the generator
@@ -87,7 +88,8 @@ class SwarmOptions:
         return cls(target=target, shape=args.shape, workers=args.workers,
                    duration_s=args.duration, script=args.script, think_scale=args.think_scale,
                    config=args.config, admin_token=args.admin_token, sla_ms=args.sla_ms,
-                   deadline_ms=args.deadline_ms, csv_prefix=args.csv)
+                   deadline_ms=args.deadline_ms, p99_warning_ms=args.p99_warning_ms,
+                   csv_prefix=args.csv)
 
     def locust_command(self, json_path: Path) -> list[str]:
         command = [sys.executable, "-m", "locust", "-f",
@@ -107,7 +109,9 @@ class SwarmOptions:
         # command line, where ps shows it to every user of the machine.
         optional = {"--cp-duration": self.duration_s, "--cp-config": self.config,
                     "--cp-sla-ms": self.sla_ms,
-                    "--cp-deadline-ms": self.deadline_ms, "--cp-agent-target": self.agent_target}
+                    "--cp-deadline-ms": self.deadline_ms,
+                    "--cp-p99-warning-ms": self.p99_warning_ms,
+                    "--cp-agent-target": self.agent_target}
         for flag, value in optional.items():
             if value is not None:
                 command += [flag, str(value)]
@@ -199,9 +203,9 @@ def _stop_locust(proc: subprocess.Popen[bytes], stopper: _Stopper) -> None:
 def _interrupted_summary(options: SwarmOptions, stopped_by: str) -> dict[str, Any]:
     """The document of a swarm stopped before Locust wrote one: nothing measured, partial."""
     config = with_overrides(load_target(options.config), None, options.sla_ms,
-                            options.deadline_ms)
+                            options.deadline_ms, options.p99_warning_ms)
     summary = RunSummary("-", options.target, LedgerCounts(), LatencyHistogram(),
-                         config.sla_ms, config.deadline_ms, partial=True,
+                         config.sla_ms, config.deadline_ms, config.p99_warning_ms, partial=True,
                          harness_error=f"{INTERRUPTED} ({stopped_by} before Locust "
                          "measured anything)")
     document = summary.to_json()
