@@ -65,6 +65,10 @@ class StampCodec:
         object.__setattr__(self, "_keyed", hashlib.blake2b(key=self.secret,
                                                            digest_size=_SIG_BYTES))
 
+    def __reduce__(self) -> tuple[type[StampCodec], tuple[str, bytes]]:
+        # The keyed hash cannot be pickled: a copy (another process's, say) keys its own.
+        return type(self), (self.run, self.secret)
+
     def _sign(self, signed: str) -> str:
         hasher = self._keyed.copy()
         hasher.update(signed.encode())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -173,6 +175,16 @@ def test_secret_longer_than_a_blake2b_key_rejected_as_a_stamp_error() -> None:
     assert longest.parse(longest.stamp_text("hi", "c", "c", 1, 2)) is not None
     with pytest.raises(StampError, match="8 to 64 bytes"):
         StampCodec(run="r", secret=b"k" * 65)
+
+
+def test_a_pickled_codec_checks_and_makes_the_same_stamps() -> None:
+    """What multiprocessing hands another process: the keyed hash is rebuilt there."""
+    original = codec()
+    text = original.stamp_text("hello", "c1", "conv", 7, 123)
+    copy = pickle.loads(pickle.dumps(original))
+    assert copy == original and copy.parse(text) == parsed(text)
+    assert copy.stamp_text("hello", "c1", "conv", 7, 123) == text
+    assert not parsed(text.replace("hello", "hellO"), copy).valid
 
 
 def test_new_run_makes_distinct_valid_codecs() -> None:
