@@ -66,6 +66,10 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 OWNER_LOCK = ".owner.lock"
 STALE_TMP_S = 60.0
+# A run's folder gets its lock file within milliseconds: one of our folders without it (a
+# run killed in between, or a chatprobe before the lock files) untouched for this long and
+# whose process is not alive here is abandoned.
+UNLOCKED_STALE_S = 24 * 3600.0
 
 
 @contextlib.contextmanager
@@ -76,7 +80,7 @@ def run_temp_dir(kind: str) -> Iterator[str]:
     the kind removes the folders nobody holds, never a live run's (whatever its pid
     namespace)."""
     for stale in Path(tempfile.gettempdir()).glob(f"chatprobe-{glob.escape(kind)}-*-*"):
-        _remove_if_abandoned(stale)
+        _remove_if_abandoned(stale, kind)
     with tempfile.TemporaryDirectory(prefix=f"chatprobe-{kind}-{os.getpid()}-") as folder:
         # Locked under a name of its own, then renamed into place: a sweeper never finds the
         # lock file before it is held.
@@ -87,19 +91,33 @@ def run_temp_dir(kind: str) -> Iterator[str]:
             yield folder
 
 
-def _remove_if_abandoned(folder: Path) -> None:
+def _remove_if_abandoned(folder: Path, kind: str) -> None:
     try:
-        # Writable (NFS emulates flock with write locks), never created: a folder without
-        # one is not judged.
+        # Writable (NFS emulates flock with write locks), never created.
         lock = open(folder / OWNER_LOCK, "r+", encoding="ascii")  # noqa: SIM115
+    except FileNotFoundError:
+        _remove_if_unlocked_and_stale(folder, kind)
+        return
     except OSError:
-        return  # no lock file: an older run's layout, or not a folder of ours
+        return  # not a folder, or not ours to open
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return  # its run holds it
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_if_unlocked_and_stale(folder: Path, kind: str) -> None:
+    pid = folder.name[len(f"chatprobe-{kind}-"):].split("-", 1)[0]
+    if not (pid.isascii() and pid.isdecimal()) or _alive(int(pid)):
+        return  # not named as ours are, or its process may still use it
+    try:
+        if not folder.is_dir() or time.time() - folder.stat().st_mtime < UNLOCKED_STALE_S:
+            return
+    except OSError:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

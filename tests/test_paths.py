@@ -78,6 +78,29 @@ def test_a_run_removes_the_temporary_folders_of_runs_that_are_gone(
     assert not Path(folder).exists()
 
 
+def test_a_run_removes_a_day_old_folder_of_ours_that_never_got_its_lock_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed between making its folder and locking it, or a chatprobe from before
+    the lock files, leaves a folder with no lock to judge it by: once untouched for a day,
+    and its process gone, the next run of the kind removes it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: no process has its pid now (Linux does not reuse one this soon)
+    dead_pid = child.pid
+    two_days_ago = time.time() - 2 * 24 * 3600
+    abandoned = tmp_path / f"chatprobe-swarm-{dead_pid}-old1"
+    fresh = tmp_path / f"chatprobe-swarm-{dead_pid}-new1"
+    alive = tmp_path / f"chatprobe-swarm-{os.getpid()}-old2"
+    not_ours = tmp_path / "chatprobe-swarm-notours-old3"
+    for folder in (abandoned, fresh, alive, not_ours):
+        (folder / "locust").mkdir(parents=True)
+    for folder in (abandoned, alive, not_ours):
+        os.utime(folder, (two_days_ago, two_days_ago))
+    with run_temp_dir("swarm"):
+        assert not abandoned.exists()
+        assert fresh.is_dir() and alive.is_dir() and not_ours.is_dir()
+
+
 def test_a_result_removes_the_temporary_file_a_killed_writer_left_beside_it(
         tmp_path: Path) -> None:
     gone = subprocess.Popen(["true"])
