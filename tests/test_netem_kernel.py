@@ -24,7 +24,7 @@ from chatprobe.netem.faults import Bandwidth, IdleTimeout, Latency, ResetPeer
 from chatprobe.netem.kernel import KernelPath, KernelSpec, Layout
 from chatprobe.netem.plan import PROXY_ONLY, proxy_faults, run_plan
 from chatprobe.netem.session import behind
-from chatprobe.probe import ProbeOptions, run_probe
+from chatprobe.probe import ProbeHooks, ProbeOptions, run_probe
 from chatprobe.profiles import (
     Capabilities,
     Direction,
@@ -157,6 +157,42 @@ def test_a_forged_reset_kills_the_connection_and_the_harness_recovers(
     assert doc["sent"] == 120 == doc["delivered"] + doc["late"] + doc["lost"]
     assert doc["lost"] == 0 and doc["duplicate"] == 0, doc["examples"]
     assert reference_service.stats()["accepted"] == 120
+
+
+def test_a_firewall_whose_conntrack_forgets_an_idle_flow_resets_it_and_nothing_is_lost(
+        reference_service: ServiceProcess) -> None:
+    require_kernel()
+    # conntrack's policy forgets an established flow after 2 s idle; the customers fall
+    # silent for 3 s (no heartbeat within 10 s), so the next packet of each customer's flow
+    # is "new" without a SYN and is answered with a reset. They reconnect, resume and
+    # resend what was unacked.
+    profile = Profile(name="idle-conntrack", idle_timeout_s=2, idle_timeout_action="rst")
+    options = ProbeOptions(messages=200, customers=4, rate_per_s=400)
+    quiet_s = 3.0
+
+    async def go_quiet(sent: int) -> None:
+        if sent == 100:
+            await asyncio.sleep(quiet_s)  # the idle time the firewall must see: the fault
+
+    async def main() -> tuple[dict[str, Any], dict[str, int]]:
+        config = reference_service.target_config(heartbeat_interval_s=10.0,
+                                                 deadline_ms=scaled(10_000))
+        async with behind(reference_service.base_url, profile) as (url, proxy):
+            assert url.startswith("http://198.1"), url  # through our namespaces
+            assert proxy is not None
+            assert not proxy.shared, proxy.shared  # the idle timeout is the kernel's job
+            summary = await run_probe(url, config, options, ProbeHooks(after_send=go_quiet),
+                                      agent_url=reference_service.base_url)
+            assert not proxy.stats.kills, proxy.stats.kills  # conntrack did it, not the proxy
+        return summary.to_json(), proxy.stats.kernel  # read as the path is taken down
+
+    doc, counters = asyncio.run(main())
+    assert counters.get("idle_forgotten", 0) >= 4, counters  # each customer's flow
+    assert doc["events"].get("customer disconnected", 0) >= 4, doc["events"]
+    assert doc["events"].get("customer resumed", 0) >= 4, doc["events"]
+    assert doc["sent"] == 200 == reference_service.stats()["accepted"]
+    assert doc["lost"] == 0 and doc["duplicate"] == 0, doc["examples"]
+    assert doc["delivered"] + doc["late"] == 200
 
 
 def test_a_path_is_removed_when_its_context_exits() -> None:
