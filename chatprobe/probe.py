@@ -76,7 +76,8 @@ class ProbeHooks:
 
     after_open: Callable[[list[Conversation]], Awaitable[None]] | None = None
     after_send: Callable[[int], Awaitable[None]] | None = None  # called with the count sent
-    # Called once when the probe listens on for lost messages it sent late (with how many).
+    # Called once when the probe, its counts final, listens on for lost messages that may
+    # still arrive (it sent late or lagged), with how many.
     lingering: Callable[[int], Awaitable[None]] | None = None
 
 
@@ -175,6 +176,9 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
         state.watch = _SelfWatch()
         watcher = asyncio.get_running_loop().create_task(
             watch_loop_lag(state.watch.lagged, LAG_WATCH_PERIOD_US))
+        # Let it take its first reading: the first sends need not yield (the reference
+        # adapter's do not), and a stall before that reading would go unseen.
+        await asyncio.sleep(0)
         finished = False
         try:
             await _send_all(options, customers, conversations, state, hooks)
@@ -190,9 +194,10 @@ async def run_probe(target_url: str, config: TargetConfig, options: ProbeOptions
             # stopped waiting for them).
             summary.partial = True
             summary.harness_error = (
-                "interrupted while listening on for lost messages the probe itself sent "
-                "late; the counts are complete, but whether those losses were its own "
-                "delay is unknown" if finished else
+                "interrupted while listening on for lost messages that may still arrive "
+                "(the probe sent late or lagged); the counts are complete, but whether "
+                "those losses were its own delay is unknown and they have no diagnosis"
+                if finished else
                 "interrupted before every message had its outcome; the results are partial")
             return summary
         finally:
@@ -240,7 +245,7 @@ async def _linger_for_late_sends(state: _RunState, deadline_us: int,
     own send lag and loop lag)."""
     ledger = state.ledger
     started = False
-    last_progress = 0.0
+    last_progress: float | None = None
     while not agents or any(agent.failure is None for agent in agents.values()):
         unseen = [r.sent_us for r in ledger.lost_records if r.first_receipt_us is None]
         until_us = (max(unseen) + deadline_us + state.watch.receipt_delay_us()
@@ -253,9 +258,10 @@ async def _linger_for_late_sends(state: _RunState, deadline_us: int,
             if hooks.lingering is not None:
                 await hooks.lingering(len(unseen))
         # Seconds of silence after the counts are in would look like a hang.
-        if options.progress and (remaining_s >= 1.0 or last_progress) and (
-                time.monotonic() - last_progress >= options.progress_every_s):
-            last_progress = time.monotonic()
+        now_s = time.monotonic()
+        if options.progress and (remaining_s >= 1.0 if last_progress is None
+                                 else now_s - last_progress >= options.progress_every_s):
+            last_progress = now_s
             options.progress(f"listening on {remaining_s:.1f} s more: {len(unseen)} lost "
                              "messages may still arrive (the probe sent late or lagged)")
         state.arrived.clear()

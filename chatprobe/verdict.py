@@ -78,7 +78,9 @@ class RunSummary:
     examples: list[dict[str, Any]] = field(default_factory=list)
     duration_s: float = 0.0
     harness_error: str | None = None
-    partial: bool = False  # stopped (SIGINT/SIGTERM) before every message had its outcome
+    # Stopped (SIGINT/SIGTERM) before it was done: before every message had its outcome, or
+    # while it listened on or explained its losses (harness_error says which).
+    partial: bool = False
     # What the generator measured of itself, by process (a probe's; a swarm's collector
     # writes its workers' into the document itself).
     generator: dict[str, Any] | None = None

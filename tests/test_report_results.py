@@ -189,3 +189,14 @@ def test_a_warning_whose_loss_the_probe_could_have_made_says_so_in_its_result() 
            "own_delay_note": "its 1 lost messages all turned up: the loss may be its own"}
     status, text = run_status(doc)
     assert status == "failed" and "the loss may be its own" in text
+
+
+def test_a_run_whose_only_fault_is_its_p99_is_an_sla_breach_not_platform_loss() -> None:
+    from chatprobe.report.results import run_status
+
+    doc = {"status": "WARNING", "sent": 50, "delivered": 50, "late": 0, "lost": 0,
+           "sla_ms": 3000.0, "p99_warning_ms": 100.0, "latency_ms": {"p99": 300.0},
+           "diagnoses": []}
+    status, text = run_status(doc)
+    assert status == "failed" and category_matching(text) == ["SLA breach"], text
+    assert "above the 100 ms threshold" in text

@@ -149,6 +149,9 @@ def _dominant(doc: dict[str, Any]) -> tuple[str, str]:
                 return category_of(row["cause"]), row["explanation"]
     if doc.get("late"):
         return SLA, f"{doc['late']} messages later than {doc['sla_ms']:g} ms"
+    p99, threshold = doc["latency_ms"].get("p99"), doc.get("p99_warning_ms")
+    if threshold is not None and p99 is not None and p99 > threshold:
+        return SLA, f"p99 {p99} ms above the {threshold:g} ms threshold"
     return category_of(None), "failed"
 
 

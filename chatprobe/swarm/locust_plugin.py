@@ -153,6 +153,9 @@ def _target(environment: Environment) -> tuple[str, Any]:
     host = environment.host or options.host
     if not host:
         raise HarnessError("no target: pass --host URL (or --target to chatprobe swarm)")
+    for flag in ("sla_ms", "deadline_ms", "p99_warning_ms"):
+        if getattr(options, f"cp_{flag}") < 0:  # 0: not given, the config's value stands
+            raise HarnessError(f"--cp-{flag.replace('_', '-')} must be positive")
     return host, with_overrides(config, options.cp_admin_token, options.cp_sla_ms,
                                 options.cp_deadline_ms, options.cp_p99_warning_ms)
 
