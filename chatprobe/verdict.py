@@ -39,11 +39,18 @@ def worst(statuses: Iterable[Status]) -> Status:
 def document_status(doc: dict[str, Any]) -> Status:
     """A --json document's status as its exit code gives it: a run the generator made
     invalid is UNKNOWN, unless it never got going for a reason of the target's (a refused
-    login, an unreachable target: a verdict whatever the generator's state)."""
-    run_level = any(row.get("outcome") == "run" for row in doc.get("diagnoses", []))
-    if not doc.get("valid", True) and not run_level:
-        return Status.UNKNOWN
-    return Status[str(doc["status"])]
+    login, an unreachable target: a verdict whatever the generator's state), or a message
+    reached the wrong receiver or came back altered, which no generator delay can cause
+    (CRITICAL). Loss, lateness, duplicates and reordering stay UNKNOWN: a starved generator
+    can be dropped as a slow consumer, and its resends after the drop can duplicate or
+    reorder."""
+    status = Status[str(doc["status"])]
+    if doc.get("valid", True) or any(
+            row.get("outcome") == "run" for row in doc.get("diagnoses", [])):
+        return status
+    if status is Status.CRITICAL and (doc.get("misrouted") or doc.get("forged")):
+        return status
+    return Status.UNKNOWN
 
 
 # When the generator's own numbers cannot be trusted (a swarm's and a probe's alike). Sends

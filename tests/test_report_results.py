@@ -200,3 +200,16 @@ def test_a_run_whose_only_fault_is_its_p99_is_an_sla_breach_not_platform_loss() 
     status, text = run_status(doc)
     assert status == "failed" and category_matching(text) == ["SLA breach"], text
     assert "above the 100 ms threshold" in text
+
+
+def test_an_invalid_run_that_misrouted_a_message_fails_instead_of_breaking() -> None:
+    from chatprobe.report.results import run_status
+
+    doc = {"status": "CRITICAL", "sent": 50, "delivered": 48, "late": 0, "lost": 2,
+           "misrouted": 1, "sla_ms": 3000.0, "latency_ms": {"p99": 30.0}, "valid": False,
+           "invalid_reasons": ["worker w0: 900 of 50 sends more than 50 ms behind plan"],
+           "diagnoses": [{"outcome": "lost", "cause": "push.lost", "explanation": "x"}]}
+    status, text = run_status(doc)
+    assert status == "failed" and "only its misrouted or forged" in text, text
+    status, text = run_status(doc | {"misrouted": 0})
+    assert status == "broken" and "generator was the bottleneck" in text, text

@@ -280,6 +280,20 @@ def test_a_lost_message_the_target_held_beyond_the_sla_keeps_at_least_a_warning(
     assert doc["status"] == "WARNING" and doc["valid"] is True and doc["own_delay_note"]
 
 
+def test_an_invalid_swarm_run_is_unknown_unless_it_saw_what_no_generator_delay_can_cause(
+) -> None:
+    invalid = {"status": "CRITICAL", "valid": False, "diagnoses": [], "lost": 3}
+    assert document_status(invalid) is Status.UNKNOWN  # a starved generator may be dropped
+    assert document_status(invalid | {"duplicate": 2, "reordered": 1}) is Status.UNKNOWN
+    assert document_status(invalid | {"misrouted": 1}) is Status.CRITICAL
+    assert document_status(invalid | {"forged": 1}) is Status.CRITICAL
+    refused = invalid | {"diagnoses": [{"outcome": "run", "cause": "auth.rejected"}]}
+    assert document_status(refused) is Status.CRITICAL
+    assert document_status({"status": "WARNING", "valid": False, "diagnoses": [],
+                            "late": 5}) is Status.UNKNOWN
+    assert document_status(invalid | {"valid": True}) is Status.CRITICAL
+
+
 def test_combined_profiles_report_the_status_their_exit_code_gives() -> None:
     """An invalid swarm document keeps its own status (its generator could not judge it):
     combined with a clean profile, the JSON says UNKNOWN, as the exit code does."""

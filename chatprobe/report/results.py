@@ -35,7 +35,7 @@ from chatprobe.report.categories import (
     category_of,
     message,
 )
-from chatprobe.verdict import Status, render_table
+from chatprobe.verdict import Status, document_status, render_table
 
 ALLURE_STATUS = {Status.OK: "passed", Status.WARNING: "failed", Status.CRITICAL: "failed",
                  Status.UNKNOWN: "broken"}
@@ -162,7 +162,8 @@ def run_status(doc: dict[str, Any]) -> tuple[str, str]:
               f"lost {doc['lost']}; p99 {doc['latency_ms']['p99']} ms")
     if doc.get("harness_error"):
         return "broken", message(HARNESS, f"{doc['harness_error']}; {counts}")
-    if doc.get("valid") is False:
+    invalid = doc.get("valid") is False
+    if invalid and document_status(doc) is Status.UNKNOWN:
         reasons = "; ".join(doc.get("invalid_reasons", []))
         return "broken", message(HARNESS, f"run invalid, the generator was the bottleneck: "
                                           f"{reasons}; {counts}")
@@ -171,6 +172,9 @@ def run_status(doc: dict[str, Any]) -> tuple[str, str]:
     category, why = _dominant(doc)
     # A loss the probe's own delay could explain, beside a lateness that stands.
     note = f" Note: {doc['own_delay_note']}." if doc.get("own_delay_note") else ""
+    if invalid:  # what no generator delay can cause stands; the rest is not judged
+        note += (" Note: the run is invalid (its generator fell behind), so only its "
+                 "misrouted or forged messages are judged.")
     return ALLURE_STATUS[status], message(category, f"{counts}. {why}{note}")
 
 
