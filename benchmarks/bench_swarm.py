@@ -279,6 +279,8 @@ def main() -> None:
         echoes.append(echo)
         print(f"  (b) {echo:,.0f} round trips/s; CPU of one core: {describe_cpu(shares)}",
               flush=True)
+    if min(echoes) <= 0:
+        raise SystemExit("the plain locustfile made no round trips: no ratio to print")
     echo = statistics.median(echoes)
     print(f"(b) plain locustfile (websocket-client echo), {users or 100} users: "
           f"{echo:,.0f} round trips/s (median of {len(echoes)}: "

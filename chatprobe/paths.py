@@ -8,7 +8,9 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -78,7 +80,8 @@ def run_temp_dir(kind: str) -> Iterator[str]:
     id and holding a file this process keeps locked (flock) while the folder is in use. A run
     killed with SIGKILL cannot remove its folder, but its lock dies with it: each new run of
     the kind removes the folders nobody holds, never a live run's (whatever its pid
-    namespace)."""
+    namespace; a folder without a lock file, from a chatprobe before them, goes once a day
+    untouched with no such pid here)."""
     for stale in Path(tempfile.gettempdir()).glob(f"chatprobe-{glob.escape(kind)}-*-*"):
         _remove_if_abandoned(stale, kind)
     with tempfile.TemporaryDirectory(prefix=f"chatprobe-{kind}-{os.getpid()}-") as folder:
@@ -109,14 +112,18 @@ def _remove_if_abandoned(folder: Path, kind: str) -> None:
 
 
 def _remove_if_unlocked_and_stale(folder: Path, kind: str) -> None:
-    pid = folder.name[len(f"chatprobe-{kind}-"):].split("-", 1)[0]
-    if not (pid.isascii() and pid.isdecimal()) or _alive(int(pid)):
+    # Named exactly as run_temp_dir names them (tempfile adds 8 of [a-z0-9_]), so that a
+    # person's chatprobe-swarm-2024-notes is never taken for one.
+    match = re.fullmatch(rf"chatprobe-{re.escape(kind)}-(\d+)-[a-z0-9_]{{8}}", folder.name)
+    if match is None or _alive(int(match.group(1))):
         return  # not named as ours are, or its process may still use it
     try:
-        if not folder.is_dir() or time.time() - folder.stat().st_mtime < UNLOCKED_STALE_S:
-            return
+        info = folder.lstat()  # a symlink planted under our name is not followed
     except OSError:
         return
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+            or time.time() - info.st_mtime < UNLOCKED_STALE_S):
+        return  # not a folder, another user's (as root too), or in use lately
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -40,10 +40,10 @@ def document_status(doc: dict[str, Any]) -> Status:
     """A --json document's status as its exit code gives it: a run the generator made
     invalid is UNKNOWN, unless it never got going for a reason of the target's (a refused
     login, an unreachable target: a verdict whatever the generator's state), or a message
-    reached the wrong receiver or came back altered, which no generator delay can cause
-    (CRITICAL). Loss, lateness, duplicates and reordering stay UNKNOWN: a starved generator
-    can be dropped as a slow consumer, and its resends after the drop can duplicate or
-    reorder."""
+    came back altered or (where counted: probes, not swarms) reached the wrong receiver,
+    which no generator delay can cause (CRITICAL). Loss, lateness, duplicates and
+    reordering stay UNKNOWN: a starved generator can be dropped as a slow consumer, and its
+    resends after the drop can duplicate or reorder."""
     status = Status[str(doc["status"])]
     if doc.get("valid", True) or any(
             row.get("outcome") == "run" for row in doc.get("diagnoses", [])):

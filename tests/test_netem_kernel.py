@@ -162,21 +162,25 @@ def test_a_forged_reset_kills_the_connection_and_the_harness_recovers(
 def test_a_firewall_whose_conntrack_forgets_an_idle_flow_resets_it_and_nothing_is_lost(
         reference_service: ServiceProcess) -> None:
     require_kernel()
-    # conntrack's policy forgets an established flow after 2 s idle; the customers fall
-    # silent for 3 s (no heartbeat within 10 s), so the next packet of each customer's flow
-    # is "new" without a SYN and is answered with a reset. They reconnect, resume and
-    # resend what was unacked.
+    # conntrack's policy forgets an established flow after 2 s idle; once the service has
+    # taken (and acked) the first 100 messages the customers fall silent for 4 s (no
+    # heartbeat), so the next packet of each customer's flow is "new" without a SYN and is
+    # answered with a reset. They reconnect, resume and resend what was unacked.
     profile = Profile(name="idle-conntrack", idle_timeout_s=2, idle_timeout_action="rst")
     options = ProbeOptions(messages=200, customers=4, rate_per_s=400)
-    quiet_s = 3.0
 
     async def go_quiet(sent: int) -> None:
         if sent == 100:
-            await asyncio.sleep(quiet_s)  # the idle time the firewall must see: the fault
+            # The idle time runs from each flow's last packet (the service's ack), not from
+            # the last send: wait for the acks first.
+            async with asyncio.timeout(scaled(10)):
+                while (await asyncio.to_thread(reference_service.stats))["accepted"] < 100:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(4.0)  # the idle time the firewall must see: the fault
 
     async def main() -> tuple[dict[str, Any], dict[str, int]]:
-        config = reference_service.target_config(heartbeat_interval_s=10.0,
-                                                 deadline_ms=scaled(10_000))
+        config = reference_service.target_config(heartbeat_interval_s=3600.0,
+                                                 deadline_ms=scaled(20_000))
         async with behind(reference_service.base_url, profile) as (url, proxy):
             assert url.startswith("http://198.1"), url  # through our namespaces
             assert proxy is not None

@@ -88,17 +88,25 @@ def test_a_run_removes_a_day_old_folder_of_ours_that_never_got_its_lock_file(
     child.wait()  # reaped: no process has its pid now (Linux does not reuse one this soon)
     dead_pid = child.pid
     two_days_ago = time.time() - 2 * 24 * 3600
-    abandoned = tmp_path / f"chatprobe-swarm-{dead_pid}-old1"
-    fresh = tmp_path / f"chatprobe-swarm-{dead_pid}-new1"
-    alive = tmp_path / f"chatprobe-swarm-{os.getpid()}-old2"
-    not_ours = tmp_path / "chatprobe-swarm-notours-old3"
-    for folder in (abandoned, fresh, alive, not_ours):
+    abandoned = tmp_path / f"chatprobe-swarm-{dead_pid}-old_fld1"
+    fresh = tmp_path / f"chatprobe-swarm-{dead_pid}-newfold1"
+    alive = tmp_path / f"chatprobe-swarm-{os.getpid()}-oldfold2"
+    not_ours = tmp_path / "chatprobe-swarm-notours-oldfold3"
+    a_persons = tmp_path / f"chatprobe-swarm-{dead_pid}-notes"  # not tempfile's 8 characters
+    for folder in (abandoned, fresh, alive, not_ours, a_persons):
         (folder / "locust").mkdir(parents=True)
-    for folder in (abandoned, alive, not_ours):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "keep").mkdir(parents=True)
+    planted = tmp_path / f"chatprobe-swarm-{dead_pid}-symlink1"
+    planted.symlink_to(elsewhere)
+    for folder in (abandoned, alive, not_ours, a_persons, elsewhere):
         os.utime(folder, (two_days_ago, two_days_ago))
+    os.utime(planted, (two_days_ago, two_days_ago), follow_symlinks=False)
     with run_temp_dir("swarm"):
         assert not abandoned.exists()
-        assert fresh.is_dir() and alive.is_dir() and not_ours.is_dir()
+        for kept in (fresh, alive, not_ours, a_persons, elsewhere / "keep"):
+            assert kept.is_dir(), kept
+        assert planted.is_symlink()
 
 
 def test_a_result_removes_the_temporary_file_a_killed_writer_left_beside_it(

@@ -210,6 +210,7 @@ def test_an_invalid_run_that_misrouted_a_message_fails_instead_of_breaking() -> 
            "invalid_reasons": ["worker w0: 900 of 50 sends more than 50 ms behind plan"],
            "diagnoses": [{"outcome": "lost", "cause": "push.lost", "explanation": "x"}]}
     status, text = run_status(doc)
-    assert status == "failed" and "only its misrouted or forged" in text, text
+    assert status == "failed" and "1 misrouted, 0 forged" in text, text
+    assert category_matching(text) == ["permission/routing"], text  # not the loss's
     status, text = run_status(doc | {"misrouted": 0})
     assert status == "broken" and "generator was the bottleneck" in text, text

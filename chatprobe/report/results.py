@@ -30,6 +30,8 @@ from chatprobe.config import TargetConfig
 from chatprobe.redact import mask_secrets, public_url, scrub
 from chatprobe.report.categories import (
     HARNESS,
+    PERMISSION,
+    PLATFORM,
     SLA,
     allure_categories,
     category_of,
@@ -169,12 +171,16 @@ def run_status(doc: dict[str, Any]) -> tuple[str, str]:
                                           f"{reasons}; {counts}")
     if status is Status.OK:
         return "passed", counts
+    if invalid:  # only what no generator delay can cause is judged (document_status)
+        misrouted, forged = doc.get("misrouted", 0), doc.get("forged", 0)
+        category = PERMISSION if misrouted else PLATFORM
+        return ALLURE_STATUS[status], message(category, (
+            f"{counts}. {misrouted} misrouted, {forged} forged (altered in transit): no "
+            "generator delay causes these. The run is invalid (its generator fell behind), "
+            "so its loss and latency are not judged."))
     category, why = _dominant(doc)
     # A loss the probe's own delay could explain, beside a lateness that stands.
     note = f" Note: {doc['own_delay_note']}." if doc.get("own_delay_note") else ""
-    if invalid:  # what no generator delay can cause stands; the rest is not judged
-        note += (" Note: the run is invalid (its generator fell behind), so only its "
-                 "misrouted or forged messages are judged.")
     return ALLURE_STATUS[status], message(category, f"{counts}. {why}{note}")
 
 
@@ -337,7 +343,9 @@ def write_swarm_results(directory: Path, doc: dict[str, Any], table: str, starte
             result = Result(directory, f"{scenario} [{profile}]: {slo}",
                             f"chatprobe.swarm::{target}::{scenario}::{profile}::{slo}",
                             ("swarm", target, scenario, profile, slo))
-            if broken_status == "broken":
+            if broken_status == "broken" or document.get("valid") is False:
+                # An invalid run's SLOs are not judged on its numbers: each result says
+                # what the run as a whole says (broken, or failed for what it proved).
                 result.status, result.message = broken_status, broken_message
             elif passed:
                 result.status, result.message = "passed", detail
