@@ -65,17 +65,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def plan_round(script: Script, rng: random.Random, start_us: int) -> list[Planned]:
-    """As ChatCustomer._plan_round (chatprobe/swarm/locust_plugin.py, which imports Locust):
-    keep the two in step."""
-    plan: list[Planned] = []
-    intended = start_us
-    for step in script.steps:
-        intended += int(step.think_s * THINK_SCALE * (0.5 + rng.random()) * 1_000_000)
-        plan.append((intended, step.kind, script.body(step, rng)))
-    return plan
-
-
 # -- the floor -------------------------------------------------------------------------
 
 
@@ -215,7 +204,7 @@ class _FloorCustomer:
         self.rounds += 1
         self.asked_us = now_us()
         self.round_start_us = self.plan_end_us
-        self.plan = plan_round(self.floor.script, self.rng, self.plan_end_us)
+        self.plan = self.floor.script.plan(self.rng, self.plan_end_us, THINK_SCALE)
         self.plan_end_us = self.plan[-1][0]
         self.index = 0
         self.round_name = f"w1{self.name}-{self.rounds}"
@@ -355,7 +344,7 @@ def floor_phase(port: int, users: int, seconds: float) -> dict[str, float]:
 def engine_phase(port: int, users: int, seconds: float) -> dict[str, float]:
     script = load_script("shopper")
     engine = WorkerEngine(f"http://127.0.0.1:{port}", load_target(None), StampCodec.new_run(),
-                          "w0", True, script)
+                          "w0", script)
     engine.start(time.sleep)
     deadline = time.monotonic() + 10
     while not engine.ready:
@@ -379,7 +368,7 @@ def engine_phase(port: int, users: int, seconds: float) -> dict[str, float]:
         for user in range(users):
             while plan_end[user] < horizon:
                 rounds[user] += 1
-                plan = plan_round(script, rngs[user], plan_end[user])
+                plan = script.plan(rngs[user], plan_end[user], THINK_SCALE)
                 engine.play_round(f"c{user}", f"c{user}-{rounds[user]}", plan, -1,
                                   plan_end[user])
                 plan_end[user] = plan[-1][0]

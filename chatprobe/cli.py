@@ -30,7 +30,7 @@ from chatprobe.config import (
 )
 from chatprobe.errors import HarnessError
 from chatprobe.paths import run_temp_dir, write_json
-from chatprobe.verdict import RunSummary, Status, document_status, render_table, worst
+from chatprobe.verdict import RunSummary, Status, document_status, render_table
 
 EXIT_UNKNOWN = 3
 T = TypeVar("T")
@@ -239,7 +239,7 @@ def _report_doc(args: argparse.Namespace, doc: dict[str, Any], started_s: float)
     except OSError as exc:
         print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
-    return _exit_code(doc)
+    return int(document_status(doc))
 
 
 def _write_allure(args: argparse.Namespace, doc: dict[str, Any], table: str,
@@ -257,10 +257,6 @@ def _write_allure(args: argparse.Namespace, doc: dict[str, Any], table: str,
                             scenario=str(first.get("shape") or args.shape))
     else:
         write_probe_results(args.alluredir, doc, table, started_s, config)
-
-
-def _exit_code(doc: dict[str, Any]) -> int:
-    return int(document_status(doc))
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -333,8 +329,8 @@ def _report_profiles(args: argparse.Namespace, documents: list[dict[str, Any]],
     except OSError as exc:
         print(f"chatprobe: cannot write results: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
-    # A proven CRITICAL on one profile outranks an UNKNOWN on another.
-    return int(worst(Status(_exit_code(doc)) for doc in documents))
+    # combine() ranks the profiles: a proven CRITICAL on one outranks an UNKNOWN on another.
+    return int(combined["exit_code"])
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:

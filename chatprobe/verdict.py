@@ -62,11 +62,6 @@ LATE_SEND_LIMIT_SHARE = 0.01
 
 
 @dataclass
-class Thresholds:
-    p99_warning_ms: float | None = None
-
-
-@dataclass
 class RunSummary:
     """Everything a probe run reports; ``to_json`` is the --json document."""
 
@@ -76,9 +71,7 @@ class RunSummary:
     latency: LatencyHistogram
     sla_ms: float
     deadline_ms: float
-    # The target config's p99 threshold (a WARNING above it), used when status() and
-    # to_json() are given no Thresholds of their own.
-    p99_warning_ms: float | None = None
+    p99_warning_ms: float | None = None  # a p99 above this is a WARNING (target config)
     diagnoses: list[tuple[str, Diagnosis]] = field(default_factory=list)  # (outcome, diag)
     fatal: Diagnosis | None = None
     events: Counter[str] = field(default_factory=Counter)
@@ -101,10 +94,10 @@ class RunSummary:
     late_from_send_us: list[int] = field(default_factory=list)
     lost_from_send_us: list[int | None] = field(default_factory=list)
 
-    def status(self, thresholds: Thresholds | None = None) -> Status:
-        return self._verdict(thresholds)[0]
+    def status(self) -> Status:
+        return self._verdict()[0]
 
-    def _verdict(self, thresholds: Thresholds | None) -> tuple[Status, list[str], str | None]:
+    def _verdict(self) -> tuple[Status, list[str], str | None]:
         """The status; why it is UNKNOWN if the probe's own delay may be why (measurement.md,
         rule 8: a harness fault is never reported as the product's); and a note when that
         delay explains only the loss. A message's own-delay share is the time it was
@@ -112,9 +105,7 @@ class RunSummary:
         latency is the target's. One message late or lost beyond its share makes the verdict
         stand, and so does anything a delay cannot cause (duplicates, reordering,
         misrouting, forgery) or evidence that is not complete."""
-        if thresholds is None and self.p99_warning_ms is not None:
-            thresholds = Thresholds(self.p99_warning_ms)
-        status = self._status_of_target(thresholds)
+        status = self._status_of_target()
         held = self.receipt_delay_us
         if held is None or status in (Status.OK, Status.UNKNOWN) or self.fatal is not None:
             return status, [], None
@@ -127,7 +118,7 @@ class RunSummary:
                 latency - held > sla_us for latency in self.late_from_send_us))) or any(
             latency is not None and latency - held > sla_us
             for latency in self.lost_from_send_us))
-        limit = thresholds.p99_warning_ms if thresholds else None
+        limit = self.p99_warning_ms
         if limit is not None and self.latency.count and (
                 self.latency.percentile_us(99.0) - self.send_lag_max_us - held
                 > limit * 1000):
@@ -151,7 +142,7 @@ class RunSummary:
         return Status.UNKNOWN, [f"{own}; {loss}: its CRITICAL may be its own delay, not the "
                                 "target's"], None
 
-    def _status_of_target(self, thresholds: Thresholds | None) -> Status:
+    def _status_of_target(self) -> Status:
         if self.harness_error is not None:
             return Status.UNKNOWN
         counts = self.counts
@@ -163,7 +154,7 @@ class RunSummary:
             return Status.CRITICAL
         if counts.late or counts.duplicate or counts.reordered:
             return Status.WARNING
-        limit = thresholds.p99_warning_ms if thresholds else None
+        limit = self.p99_warning_ms
         if limit is not None and self.latency.count and (
                 self.latency.percentile_us(99.0) / 1000.0 > limit):
             return Status.WARNING
@@ -184,10 +175,9 @@ class RunSummary:
                             "explanation": self.fatal.line()})
         return rows
 
-    def to_json(self, thresholds: Thresholds | None = None) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         counts = self.counts
-        status, reasons, note = self._verdict(thresholds)
-        p99_warning_ms = thresholds.p99_warning_ms if thresholds else self.p99_warning_ms
+        status, reasons, note = self._verdict()
         own_delay: dict[str, Any] = {} if self.receipt_delay_us is None else {
             "valid": not reasons, "invalid_reasons": reasons, "own_delay_note": note}
         return {
@@ -210,7 +200,7 @@ class RunSummary:
             "availability_formula": "delivered_within_sla / (delivered + late + lost)",
             "sla_ms": self.sla_ms,
             "deadline_ms": self.deadline_ms,
-            "p99_warning_ms": p99_warning_ms,
+            "p99_warning_ms": self.p99_warning_ms,
             "latency_ms": self.latency.summary_ms() | {"count": self.latency.count},
             "latency_histogram": self.latency.encode(),
             "diagnoses": self.diagnosis_table(),

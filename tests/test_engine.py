@@ -54,8 +54,7 @@ def start_engine(engines: list[WorkerEngine], service: ServiceProcess,
     # No probe agents: the service accepts and acks sends to a queued conversation.
     # A short deadline: no agent answers, and a leaving customer waits that long for them.
     engine = WorkerEngine(service.base_url, service.target_config(deadline_ms=300.0, **config),
-                          StampCodec.new_run(), "w0", run_agents=False,
-                          script=load_script("shopper"))
+                          StampCodec.new_run(), "w0", script=load_script("shopper"), agents=())
     engines.append(engine)
     engine.start(time.sleep)
     return engine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,7 +15,6 @@ from chatprobe.ledger import LedgerCounts
 from chatprobe.verdict import (
     RunSummary,
     Status,
-    Thresholds,
     document_status,
     render_table,
     worst,
@@ -39,8 +39,8 @@ def summary(counts: LedgerCounts | None = None, hist: LatencyHistogram | None = 
 
 def test_ok() -> None:
     assert summary().status() is Status.OK
-    assert summary().status(Thresholds()) is Status.OK
-    assert summary().status(Thresholds(p99_warning_ms=5.0)) is Status.OK
+    assert summary(p99_warning_ms=None).status() is Status.OK
+    assert summary(p99_warning_ms=5.0).status() is Status.OK
 
 
 def test_exit_codes() -> None:
@@ -60,21 +60,21 @@ def test_warning(counts: LedgerCounts) -> None:
 
 def test_warning_for_p99_over_threshold() -> None:
     s = summary(hist=latency(*([2000] * 100)))
-    assert s.status(Thresholds(p99_warning_ms=1.5)) is Status.WARNING
-    assert s.status(Thresholds(p99_warning_ms=2.5)) is Status.OK
-    assert s.status(Thresholds(p99_warning_ms=None)) is Status.OK
+    assert replace(s, p99_warning_ms=1.5).status() is Status.WARNING
+    assert replace(s, p99_warning_ms=2.5).status() is Status.OK
+    assert replace(s, p99_warning_ms=None).status() is Status.OK
     assert s.status() is Status.OK
 
 
 def test_p99_threshold_looks_at_p99_not_max() -> None:
     s = summary(hist=latency(*([1000] * 999 + [60_000])))
-    assert s.status(Thresholds(p99_warning_ms=2.0)) is Status.OK
-    assert s.status(Thresholds(p99_warning_ms=0.5)) is Status.WARNING
+    assert replace(s, p99_warning_ms=2.0).status() is Status.OK
+    assert replace(s, p99_warning_ms=0.5).status() is Status.WARNING
 
 
 def test_p99_threshold_ignored_without_samples() -> None:
     s = summary(LedgerCounts(), hist=LatencyHistogram())
-    assert s.status(Thresholds(p99_warning_ms=0.001)) is Status.OK
+    assert replace(s, p99_warning_ms=0.001).status() is Status.OK
 
 
 @pytest.mark.parametrize("counts", [
@@ -138,7 +138,7 @@ def test_to_json_availability_none_without_closed_messages() -> None:
 
 def test_to_json_status_uses_thresholds() -> None:
     s = summary(hist=latency(*([2000] * 100)))
-    assert s.to_json(Thresholds(p99_warning_ms=1.0))["status"] == "WARNING"
+    assert replace(s, p99_warning_ms=1.0).to_json()["status"] == "WARNING"
     assert s.to_json()["status"] == "OK"
 
 
@@ -252,10 +252,10 @@ def test_what_a_delay_cannot_cause_stands_whatever_the_probes_delay() -> None:
 
 def test_a_p99_threshold_crossed_only_by_the_probes_own_delay_is_unknown() -> None:
     slow = latency(*([2000] * 9), 9_000)  # p99 9 ms, counted from the plan
-    assert summary(hist=slow, receipt_delay_us=3_000, send_lag_max_us=2_000).status(
-        Thresholds(p99_warning_ms=5.0)) is Status.UNKNOWN
-    assert summary(hist=slow, receipt_delay_us=2_000).status(
-        Thresholds(p99_warning_ms=5.0)) is Status.WARNING
+    assert summary(hist=slow, receipt_delay_us=3_000, send_lag_max_us=2_000,
+                   p99_warning_ms=5.0).status() is Status.UNKNOWN
+    assert summary(hist=slow, receipt_delay_us=2_000,
+                   p99_warning_ms=5.0).status() is Status.WARNING
 
 
 def test_several_verdicts_as_one_rank_a_proven_critical_above_an_unknown() -> None:

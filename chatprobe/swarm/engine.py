@@ -312,13 +312,12 @@ class WorkerEngine:
     """One per Locust process: customers (this worker's users) and its share of the agents."""
 
     def __init__(self, target_url: str, config: TargetConfig, codec: StampCodec,
-                 worker: str, run_agents: bool, script: Script | None = None,
-                 agent_url: str | None = None,
+                 worker: str, script: Script | None = None, agent_url: str | None = None,
                  agents: Sequence[AgentCredential] | None = None) -> None:
         """``script``: the conversation script, so agents know which messages to answer.
         ``agent_url``: where the agents connect when not at ``target_url`` (each side behind
-        its own network profile). ``agents``: the credentials this worker logs in when
-        ``run_agents`` (default: all of the config's)."""
+        its own network profile). ``agents``: the credentials this worker logs in (default:
+        all of the config's; none, for a worker of customers only)."""
         self.target_url = target_url
         self.agent_url = agent_url or target_url
         self.config = config
@@ -326,7 +325,7 @@ class WorkerEngine:
         self.worker = worker
         self.host = socket.gethostname()
         self.agent_credentials = tuple(config.agents if agents is None else agents)
-        self.run_agents = run_agents and bool(self.agent_credentials)
+        self.run_agents = bool(self.agent_credentials)
         self.out = EngineOutput()
         self.thread = LoopThread()
         self.adapter: Adapter | None = None

@@ -55,7 +55,6 @@ from chatprobe.swarm.shapes import Shape, load_shape
 from chatprobe.verdict import RunSummary, render_table
 
 log = logging.getLogger("chatprobe.swarm")
-THINK_JITTER_LOW = 0.5  # a think time lasts 0.5-1.5 times the script's think_s
 PLAN_AHEAD_US = 1_000_000  # rounds starting up to this far ahead go to the chat loop at once
 PLAN_AHEAD_ROUNDS = 50  # ... but no more (tiny think times: one burst, not thousands)
 GC_YOUNG_THRESHOLD = 50_000  # Python's default is 700 allocations
@@ -312,8 +311,7 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     # Empty unless a master named the workers it started with.
     workers = [int(index) for index in _opts(environment).cp_agent_workers.split(",")
                if index.isascii() and index.isdecimal()]
-    STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}", run_agents=True,
-                                script=STATE.script,
+    STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}", script=STATE.script,
                                 agent_url=_opts(environment).cp_agent_target or None,
                                 agents=agents_of_worker(config.agents, worker_index, workers))
     STATE.engine.start(gevent.sleep)
@@ -480,16 +478,7 @@ class ChatCustomer(User):
         share = script.reconnect_share if options.cp_reconnect_share < 0 else (
             options.cp_reconnect_share)
         drop_after = self.rng.randrange(len(script.steps)) if self.rng.random() < share else -1
-        plan = []
-        intended = start_us
-        for step in script.steps:
-            # People take more or less time than the script's figure (half to one and a half
-            # of it, the mean kept): customers spawned together do not type in lockstep.
-            think_s = step.think_s * options.cp_think_scale * (
-                THINK_JITTER_LOW + self.rng.random())
-            intended += int(think_s * 1_000_000)
-            plan.append((intended, step.kind, script.body(step, self.rng)))
-        return plan, drop_after
+        return script.plan(self.rng, start_us, options.cp_think_scale), drop_after
 
 
 class PromotionShape(LoadTestShape):

@@ -29,6 +29,8 @@ class Step:
     expects_reply: bool = False  # the probe agent answers it: measures agent -> customer
 
 
+THINK_JITTER_LOW = 0.5  # a think time lasts 0.5-1.5 times the script's think_s
+
 AGENT_REPLIES = ("Let me check that for you.", "Yes, it is in stock and ships tonight.",
                  "I have forwarded this to our after-sales team, sorry for the wait.")
 
@@ -44,6 +46,19 @@ class Script:
         return rng.choice(step.texts).format(
             product=rng.choice(PRODUCTS), size=rng.choice(SIZES),
             order=rng.randrange(10**11, 10**12), n=rng.randrange(1, 10))
+
+    def plan(self, rng: random.Random, start_us: int,
+             think_scale: float) -> list[tuple[int, str, str]]:
+        """One round's messages from ``start_us``: (planned time µs, kind, body) each."""
+        plan = []
+        intended = start_us
+        for step in self.steps:
+            # People take more or less time than the script's figure (half to one and a half
+            # of it, the mean kept): customers spawned together do not type in lockstep.
+            intended += int(step.think_s * think_scale * (THINK_JITTER_LOW + rng.random())
+                            * 1_000_000)
+            plan.append((intended, step.kind, self.body(step, rng)))
+        return plan
 
 
 def parse_script(document: Any, source: str) -> Script:
