@@ -15,6 +15,9 @@ floor   the least Python that does a swarm worker's job against benchmarks/relay
 engine  chatprobe's WorkerEngine (the swarm worker's chat loop) doing the same, without
         Locust and without mobile reconnects, its rounds handed over from another thread
         as Locust's users hand them over.
+compiled the floor's job written in C (benchmarks/floor.c, one thread on epoll, no Python),
+        built with the machine's C compiler: what compiled code costs per message here,
+        kernel time included. Skipped when there is no C compiler.
 plain   benchmarks/plain_echo_locustfile.py under Locust: CPU per round trip (send one
         message, wait for its echo), as bench_swarm.py's (b).
 
@@ -34,8 +37,10 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -390,6 +395,50 @@ def engine_phase(port: int, users: int, seconds: float) -> dict[str, float]:
             "late": end[3] - late0}
 
 
+# -- the floor in C ------------------------------------------------------------------------
+
+
+def build_compiled(folder: str) -> str | None:
+    """Build benchmarks/floor.c; its path, or None when this machine has no C compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    binary = os.path.join(folder, "floor")
+    subprocess.run([compiler, "-O2", "-o", binary, str(ROOT / "benchmarks" / "floor.c")],
+                   check=True)
+    return binary
+
+
+def compiled_input(port: int, users: int, seconds: float) -> str:
+    """The C floor's standard input: the same script, replies and stamps as the floor's."""
+    script = load_script("shopper")
+    codec = StampCodec.new_run()
+    reply_mask = sum(1 << seq for seq, step in enumerate(script.steps, start=1)
+                     if step.expects_reply)
+    kinds = {step.kind: index for index, step in enumerate(script.steps)}
+    lines = [f"{port} {users} {seconds} {WARM_UP_S} {codec.run} {codec.secret.hex()} "
+             f"{reply_mask} {LATE_SEND_US}",
+             " ".join(credential.id for credential in load_target(None).agents),
+             "\t".join(AGENT_REPLIES)]
+    rng = random.Random(1)
+    for _ in range(5000):  # rounds drawn at random by each customer, as many as it needs
+        plan = script.plan(rng, 0, THINK_SCALE)
+        lines.append(f"R {len(plan)}")
+        lines.extend(f"{at}\t{kinds[kind]}\t{body}" for at, kind, body in plan)
+    return "\n".join(lines) + "\n"
+
+
+def compiled_phase(binary: str, port: int, users: int, seconds: float) -> dict[str, float]:
+    output = subprocess.run([binary], input=compiled_input(port, users, seconds),
+                            capture_output=True, text=True, check=False)
+    if output.returncode != 0:
+        raise SystemExit(f"the compiled floor failed: {output.stderr.strip()[-500:]}")
+    result: dict[str, float] = json.loads(output.stdout.strip().splitlines()[-1])
+    if result["invalid"] or result["receipts"] == 0:
+        raise SystemExit(f"the compiled floor checked its stamps wrong: {result}")
+    return result
+
+
 # -- the whole benchmark -------------------------------------------------------------------
 
 
@@ -427,27 +476,37 @@ def main() -> None:
         return
     relay, url = bench_swarm.start_relay()
     port = int(url.rsplit(":", 1)[1])
-    results: dict[str, list[dict[str, float]]] = {"floor": [], "engine": []}
-    try:
-        # Alternated, so that this VM's drift over minutes touches both alike.
-        for _ in range(args.rounds):
-            for phase in ("floor", "engine"):
-                result = run_phase(phase, port, args.users, args.seconds)
-                results[phase].append(result)
-                print(describe(phase, result, "stamped message") + f", {result['late']:.0f} "
-                      "sends late", flush=True)
-    finally:
-        relay.terminate()
-        relay.wait()
+    results: dict[str, list[dict[str, float]]] = {"floor": [], "engine": [], "compiled": []}
+    with tempfile.TemporaryDirectory(prefix="chatprobe-bench-floor-") as folder:
+        try:
+            binary = build_compiled(folder)
+            if binary is None:
+                print("compiled: skipped, no C compiler (cc or gcc) on PATH")
+            # Alternated, so that this VM's drift over minutes touches all alike.
+            for _ in range(args.rounds):
+                for phase in ("floor", "engine", "compiled"):
+                    if phase == "compiled":
+                        if binary is None:
+                            continue
+                        result = compiled_phase(binary, port, args.users, args.seconds)
+                    else:
+                        result = run_phase(phase, port, args.users, args.seconds)
+                    results[phase].append(result)
+                    print(describe(phase, result, "stamped message") + f", "
+                          f"{result['late']:.0f} sends late", flush=True)
+        finally:
+            relay.terminate()
+            relay.wait()
     rate, shares = bench_swarm.bench_b(args.users, args.seconds + 4, 3.0)
     plain = {"per_s": rate, "cpu_us": shares["locust"] / 100 / rate * 1e6}
     print(describe("plain", plain, "round trip") + f" (Locust at {shares['locust']:.0f} % "
           "of a core)")
-    best = {phase: min(r["cpu_us"] for r in runs) for phase, runs in results.items()}
+    best = {phase: min(r["cpu_us"] for r in runs) for phase, runs in results.items() if runs}
     print(f"engine over floor: {best['engine'] / best['floor']:.2f}x the CPU per message")
+    compiled = f", compiled {plain['cpu_us'] / best['compiled']:.2f}" if "compiled" in best else ""
     print(f"ratio (a)/(b) on a whole core: floor {plain['cpu_us'] / best['floor']:.2f}, "
-          f"engine {plain['cpu_us'] / best['engine']:.2f} (the swarm's worker also runs "
-          "Locust's greenlets, and must stay below its cliff)")
+          f"engine {plain['cpu_us'] / best['engine']:.2f}{compiled} (the swarm's worker also "
+          "runs Locust's greenlets, and must stay below its cliff)")
 
 
 if __name__ == "__main__":
