@@ -13,7 +13,8 @@ PY=${PYTHON:-python3}
 ensure_venv() {
     local extras=$1
     local want
-    want="$(sha256sum pyproject.toml | cut -c1-16)-$extras"
+    # The compiled engine is built at install: a change to its source installs again.
+    want="$(cat pyproject.toml chatprobe/swarm/*.c chatprobe/swarm/*.h | sha256sum | cut -c1-16)-$extras"
     if [[ -x $VENV/bin/python && -f $VENV/.chatprobe-installed && "$(cat $VENV/.chatprobe-installed)" == "$want" ]]; then
         return
     fi

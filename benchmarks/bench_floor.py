@@ -15,7 +15,9 @@ floor   the least Python that does a swarm worker's job against benchmarks/relay
 engine  chatprobe's WorkerEngine (the swarm worker's chat loop) doing the same, without
         Locust and without mobile reconnects, its rounds handed over from another thread
         as Locust's users hand them over.
-compiled the floor's job written in C (benchmarks/floor.c, one thread on epoll, no Python),
+c-engine chatprobe's compiled engine (chatprobe/swarm/_fastref.c, the swarm's worker for
+        reference targets over ws://) doing the engine's job, driven the same way.
+c-floor the floor's job written in C (benchmarks/floor.c, one thread on epoll, no Python),
         built with the machine's C compiler: what compiled code costs per message here,
         kernel time included. Skipped when there is no C compiler.
 plain   benchmarks/plain_echo_locustfile.py under Locust: CPU per round trip (send one
@@ -58,6 +60,7 @@ from chatprobe.protocols.websocket import FIN_TEXT, client_frame  # noqa: E402
 from chatprobe.stamp import ParsedStamp, StampCodec  # noqa: E402
 from chatprobe.swarm.collector import SEND_FIELDS  # noqa: E402
 from chatprobe.swarm.engine import Planned, WorkerEngine, now_us  # noqa: E402
+from chatprobe.swarm.fastref import CompiledWorkerEngine, compiled_engine_refusal  # noqa: E402
 from chatprobe.swarm.scripts import AGENT_REPLIES, Script, load_script  # noqa: E402
 from chatprobe.verdict import LATE_SEND_US  # noqa: E402
 
@@ -346,9 +349,11 @@ def floor_phase(port: int, users: int, seconds: float) -> dict[str, float]:
 # -- chatprobe's engine ------------------------------------------------------------------
 
 
-def engine_phase(port: int, users: int, seconds: float) -> dict[str, float]:
+def engine_phase(port: int, users: int, seconds: float,
+                 compiled: bool = False) -> dict[str, float]:
     script = load_script("shopper")
-    engine = WorkerEngine(f"http://127.0.0.1:{port}", load_target(None), StampCodec.new_run(),
+    engine_class = CompiledWorkerEngine if compiled else WorkerEngine
+    engine = engine_class(f"http://127.0.0.1:{port}", load_target(None), StampCodec.new_run(),
                           "w0", script)
     engine.start(time.sleep)
     deadline = time.monotonic() + 10
@@ -464,30 +469,40 @@ def main() -> None:
                         help="customers of the floor and the engine (well below the cliff)")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured time per phase")
     parser.add_argument("--rounds", type=int, default=2, help="floor and engine, alternated")
-    parser.add_argument("--phase", choices=("floor", "engine"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("floor", "engine", "c-engine"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.users < 1 or args.seconds < 2 or args.rounds < 1:
         raise SystemExit("bench_floor: --users and --rounds must be at least 1, "
                          "--seconds at least 2")
     if args.phase is not None:
-        run = floor_phase if args.phase == "floor" else engine_phase
-        print(json.dumps(run(args.port, args.users, args.seconds)))
+        if args.phase == "floor":
+            result = floor_phase(args.port, args.users, args.seconds)
+        else:
+            result = engine_phase(args.port, args.users, args.seconds,
+                                  compiled=args.phase == "c-engine")
+        print(json.dumps(result))
         return
     relay, url = bench_swarm.start_relay()
     port = int(url.rsplit(":", 1)[1])
-    results: dict[str, list[dict[str, float]]] = {"floor": [], "engine": [], "compiled": []}
+    phases = ("floor", "engine", "c-engine", "c-floor")
+    results: dict[str, list[dict[str, float]]] = {phase: [] for phase in phases}
     with tempfile.TemporaryDirectory(prefix="chatprobe-bench-floor-") as folder:
         try:
             binary = build_compiled(folder)
             if binary is None:
-                print("compiled: skipped, no C compiler (cc or gcc) on PATH")
+                print("c-floor: skipped, no C compiler (cc or gcc) on PATH")
+            refusal = compiled_engine_refusal(url, load_target(None))
+            if refusal is not None:
+                print(f"c-engine: skipped, {refusal}")
             # Alternated, so that this VM's drift over minutes touches all alike.
             for _ in range(args.rounds):
-                for phase in ("floor", "engine", "compiled"):
-                    if phase == "compiled":
-                        if binary is None:
-                            continue
+                for phase in phases:
+                    if (phase == "c-floor" and binary is None) or (
+                            phase == "c-engine" and refusal is not None):
+                        continue
+                    if phase == "c-floor":
+                        assert binary is not None
                         result = compiled_phase(binary, port, args.users, args.seconds)
                     else:
                         result = run_phase(phase, port, args.users, args.seconds)
@@ -503,10 +518,10 @@ def main() -> None:
           "of a core)")
     best = {phase: min(r["cpu_us"] for r in runs) for phase, runs in results.items() if runs}
     print(f"engine over floor: {best['engine'] / best['floor']:.2f}x the CPU per message")
-    compiled = f", compiled {plain['cpu_us'] / best['compiled']:.2f}" if "compiled" in best else ""
-    print(f"ratio (a)/(b) on a whole core: floor {plain['cpu_us'] / best['floor']:.2f}, "
-          f"engine {plain['cpu_us'] / best['engine']:.2f}{compiled} (the swarm's worker also "
-          "runs Locust's greenlets, and must stay below its cliff)")
+    ratios = ", ".join(f"{phase} {plain['cpu_us'] / best[phase]:.2f}" for phase in phases
+                       if phase in best)
+    print(f"ratio (a)/(b) on a whole core: {ratios} (the swarm's worker also runs Locust's "
+          "greenlets, and must stay below its cliff)")
 
 
 if __name__ == "__main__":

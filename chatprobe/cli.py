@@ -167,6 +167,10 @@ def _swarm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the summary as JSON")
     parser.add_argument("--alluredir", type=Path, metavar="DIR", help="write Allure results")
     parser.add_argument("--csv", metavar="PREFIX", help="also write Locust's CSV files")
+    parser.add_argument("--engine", choices=("auto", "compiled", "python"), default="auto",
+                        help="the workers' chat loop: compiled (C; the reference protocol over "
+                        "ws://), python (every protocol), auto (compiled where it can; the "
+                        "default)")
     _profile_arguments(parser)
 
 
@@ -369,11 +373,13 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 def cmd_swarm(args: argparse.Namespace) -> int:
     from chatprobe.protocols.base import adapter_for
+    from chatprobe.swarm.fastref import choose_engine
     from chatprobe.swarm.runner import SwarmOptions, run_swarm
 
     target = check_target_url(args.target)
     config = _target_config(args)  # validate now: one clear line instead of a Locust traceback
     adapter_for(config.protocol)(target, config)  # an adapter's own config checks, too
+    choose_engine(args.engine, target, config)  # --engine compiled where it cannot: say why
     _check_output_paths(args)
     started = time.time()
     # SIGTERM unwinds like Ctrl-C (proxies and kernel paths are removed on the way out)

@@ -1,7 +1,8 @@
-"""The swarm's chat loop (chatprobe/swarm/engine.py) against the reference service, without
-Locust: its send clock keeps each customer's messages in order and never early, a customer
-that leaves sends none of what it had queued, and rounds planned after a refused connection
-get a new connection at their time."""
+"""The swarm's chat loops against the reference service, without Locust: the Python engine
+(chatprobe/swarm/engine.py) and the compiled one (chatprobe/swarm/fastref.py) alike. The send
+clock keeps each customer's messages in order and never early, a customer that leaves sends
+none of what it had queued, and rounds planned after a refused connection get a new
+connection at their time."""
 
 from __future__ import annotations
 
@@ -22,18 +23,28 @@ from chatprobe.swarm.engine import (
     agents_of_worker,
     now_us,
 )
+from chatprobe.swarm.fastref import CompiledWorkerEngine
 from chatprobe.swarm.scripts import load_script
 from tests.conftest import ServiceProcess, scaled
 
 Batches = dict[str, list[Any]]
+Engine = WorkerEngine | CompiledWorkerEngine
 
 
-@pytest.fixture
-def engines() -> Iterator[list[WorkerEngine]]:
+class Engines(list[Engine]):
+    """The engines a test started, and the kind it starts."""
+
+    def __init__(self, engine_class: type[Engine]) -> None:
+        super().__init__()
+        self.engine_class = engine_class
+
+
+@pytest.fixture(params=[WorkerEngine, CompiledWorkerEngine], ids=["python", "compiled"])
+def engines(request: pytest.FixtureRequest) -> Iterator[Engines]:
     # The loop thread takes over these loggers (as in a Locust worker); give them back.
     loggers = [logging.getLogger(name) for name in LOOP_THREAD_LOGGERS]
     saved = [(logger.handlers, logger.propagate) for logger in loggers]
-    started: list[WorkerEngine] = []
+    started = Engines(request.param)
     yield started
     deadline = time.monotonic() + scaled(10)
     for engine in started:
@@ -49,18 +60,18 @@ def engines() -> Iterator[list[WorkerEngine]]:
         logger.handlers, logger.propagate = handlers, propagate
 
 
-def start_engine(engines: list[WorkerEngine], service: ServiceProcess,
-                 **config: Any) -> WorkerEngine:
+def start_engine(engines: Engines, service: ServiceProcess, **config: Any) -> Engine:
     # No probe agents: the service accepts and acks sends to a queued conversation.
     # A short deadline: no agent answers, and a leaving customer waits that long for them.
-    engine = WorkerEngine(service.base_url, service.target_config(deadline_ms=300.0, **config),
-                          StampCodec.new_run(), "w0", script=load_script("shopper"), agents=())
+    engine = engines.engine_class(
+        service.base_url, service.target_config(deadline_ms=300.0, **config),
+        StampCodec.new_run(), "w0", script=load_script("shopper"), agents=())
     engines.append(engine)
     engine.start(time.sleep)
     return engine
 
 
-def collect(engine: WorkerEngine, seen: Batches, done: Callable[[Batches], bool],
+def collect(engine: Engine, seen: Batches, done: Callable[[Batches], bool],
             what: str) -> Batches:
     """Take the engine's batches until ``done`` holds (bounded)."""
     deadline = time.monotonic() + scaled(20)
@@ -72,7 +83,7 @@ def collect(engine: WorkerEngine, seen: Batches, done: Callable[[Batches], bool]
     return seen
 
 
-def take(engine: WorkerEngine, seen: Batches) -> None:
+def take(engine: Engine, seen: Batches) -> None:
     """One batch of the engine's, its flat lists read back as records."""
     batch = engine.take_batch(None)
     for key, width in (("sends", SEND_FIELDS), ("acks", ACK_FIELDS),
@@ -90,7 +101,7 @@ def sends_of(seen: Batches, round_name: str) -> list[tuple[Any, ...]]:
 
 
 def test_each_customers_messages_leave_in_order_and_never_before_their_plan(
-        reference_service: ServiceProcess, engines: list[WorkerEngine]) -> None:
+        reference_service: ServiceProcess, engines: Engines) -> None:
     engine = start_engine(engines, reference_service)
     start = now_us() + 100_000
     # Three customers whose messages interleave on the one clock, 1-3 ms apart.
@@ -109,7 +120,7 @@ def test_each_customers_messages_leave_in_order_and_never_before_their_plan(
 
 
 def test_a_customer_that_leaves_sends_none_of_its_queued_rounds(
-        reference_service: ServiceProcess, engines: list[WorkerEngine]) -> None:
+        reference_service: ServiceProcess, engines: Engines) -> None:
     engine = start_engine(engines, reference_service)
     start = now_us() + 100_000
     engine.play_round("leaver", "leaver-1", plan(start, 3, 5_000, "first"))
@@ -124,7 +135,7 @@ def test_a_customer_that_leaves_sends_none_of_its_queued_rounds(
 
 
 def test_rounds_planned_after_a_refused_connection_get_a_new_one_at_their_time(
-        reference_service: ServiceProcess, engines: list[WorkerEngine]) -> None:
+        reference_service: ServiceProcess, engines: Engines) -> None:
     # The shop does not exist yet: the customer's login is refused.
     engine = start_engine(engines, reference_service, shop="popup")
     start = now_us() + 100_000
@@ -145,7 +156,7 @@ def test_rounds_planned_after_a_refused_connection_get_a_new_one_at_their_time(
 
 
 def test_a_customer_that_leaves_mid_round_closes_at_once_not_at_its_next_message(
-        reference_service: ServiceProcess, engines: list[WorkerEngine]) -> None:
+        reference_service: ServiceProcess, engines: Engines) -> None:
     engine = start_engine(engines, reference_service)
     start = now_us() + 100_000
     next_message = start + int(scaled(10) * 1_000_000)  # a long think before message 2

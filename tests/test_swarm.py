@@ -40,11 +40,16 @@ def swarm(service: ServiceProcess, shape: Path, **changes: Any) -> dict[str, Any
     return run_swarm(options, timeout_s=scaled(240))
 
 
+@pytest.mark.parametrize("engine", ["auto", "python"])
 def test_two_worker_swarm_with_faults_equals_service_counters(
-        reference_service: ServiceProcess, tmp_path: Path) -> None:
+        reference_service: ServiceProcess, tmp_path: Path, engine: str) -> None:
     reference_service.ok("POST", "/admin/faults",
                          {"drop": 0.01, "duplicate": 0.005, "seed": 4})
-    doc = swarm(reference_service, shape_file(tmp_path, [(8, 20, 20)]), workers=2)
+    doc = swarm(reference_service, shape_file(tmp_path, [(8, 20, 20)]), workers=2,
+                engine=engine)
+    # auto: the compiled engine drives the reference protocol over ws://.
+    assert {g["engine"] for g in doc["generator"].values()} == {
+        "compiled" if engine == "auto" else "python"}
     stats = reference_service.stats()
     # Customer messages (faults apply) plus the probe agents' replies (no faults).
     assert doc["sent"] == stats["accepted"] + stats["replies"]

@@ -80,6 +80,7 @@ class WorkerHealth:
     send_lag_max_us: int = 0
     clock: str = ""
     agents: list[str] = field(default_factory=list)  # the probe agents it logged in
+    engine: str = ""  # "compiled" (chatprobe/swarm/_fastref.c) or "python"
 
 
 # A batch's records lie end to end in flat lists, this many items each:
@@ -221,6 +222,7 @@ class Collector:
         health.clock = str(batch.get("clock", batch["host"]))
         health.sends += len(batch["sends"]) // SEND_FIELDS
         health.late_sends += batch["late_sends"]
+        health.engine = str(batch.get("engine", ""))
         if batch.get("agents"):
             health.agents = [str(agent) for agent in batch["agents"]]
         health.send_lag_max_us = max(health.send_lag_max_us, batch["send_lag_max_us"])
@@ -345,7 +347,7 @@ class Collector:
                    "loop_lag_max_ms": round(h.loop_lag_max_us / 1000, 3),
                    "late_sends": h.late_sends, "sends": h.sends,
                    "send_lag_max_ms": round(h.send_lag_max_us / 1000, 3),
-                   "agents": h.agents}
+                   "agents": h.agents, "engine": h.engine}
             for name, h in sorted(self.workers.items())}
         merged = LatencyHistogram()
         for time_bin in self.bins.values():

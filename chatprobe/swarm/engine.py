@@ -403,6 +403,7 @@ class WorkerEngine:
         out = self.out
         batch = empty_batch(self.worker, self.host)
         batch["clock"] = self.clock_domain
+        batch["engine"] = "python"
         # Acks first: every ack taken now belongs to a send made before it, so that send is
         # in this batch or an earlier one (the collector records sends before acks).
         for key in ("acks", "sends", "receipts"):

@@ -49,6 +49,7 @@ from chatprobe.swarm.engine import (
     clock_domain,
     now_us,
 )
+from chatprobe.swarm.fastref import ENGINES, CompiledWorkerEngine, choose_engine
 from chatprobe.swarm.runner import STAMP_KEY_ENV
 from chatprobe.swarm.scripts import Script, load_script
 from chatprobe.swarm.shapes import Shape, load_shape
@@ -100,6 +101,9 @@ def _options(parser: Any) -> None:
     # command line.
     group.add_argument("--cp-admin-token", default=os.environ.get(ADMIN_TOKEN_ENV, ""),
                        include_in_web_ui=False)
+    group.add_argument("--cp-engine", default="auto", choices=ENGINES, include_in_web_ui=False,
+                       help="the chat loop: compiled (C, reference protocol over ws://), "
+                       "python (every adapter), or auto (compiled where it can)")
     group.add_argument("--cp-agent-target", default="", include_in_web_ui=False,
                        help="URL the probe agents connect to (default: --host)")
     group.add_argument("--cp-raw-latencies", default="", include_in_web_ui=False,
@@ -122,7 +126,7 @@ def _options(parser: Any) -> None:
 
 @dataclasses.dataclass
 class SwarmState:
-    engine: WorkerEngine | None = None
+    engine: WorkerEngine | CompiledWorkerEngine | None = None
     collector: Collector | None = None
     script: Script | None = None
     done_workers: set[str] = dataclasses.field(default_factory=set)
@@ -311,8 +315,10 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     # Empty unless a master named the workers it started with.
     workers = [int(index) for index in _opts(environment).cp_agent_workers.split(",")
                if index.isascii() and index.isdecimal()]
-    STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}", script=STATE.script,
-                                agent_url=_opts(environment).cp_agent_target or None,
+    agent_url = _opts(environment).cp_agent_target or None
+    engine_class = choose_engine(_opts(environment).cp_engine, host, config, agent_url)
+    STATE.engine = engine_class(host, config, codec, f"w{worker_index}", script=STATE.script,
+                                agent_url=agent_url,
                                 agents=agents_of_worker(config.agents, worker_index, workers))
     STATE.engine.start(gevent.sleep)
     STATE.greenlets.append(gevent.spawn(_flush_forever, environment))

@@ -82,6 +82,7 @@ class SwarmOptions:
     # The name TLS verifies when ``target`` names a fault proxy: the real target's host
     # (a name the target config gives itself wins).
     tls_server_name: str | None = None
+    engine: str = "auto"  # the workers' chat loop (chatprobe.swarm.fastref.ENGINES)
 
     @classmethod
     def from_args(cls, target: str, args: argparse.Namespace) -> SwarmOptions:
@@ -89,7 +90,7 @@ class SwarmOptions:
                    duration_s=args.duration, script=args.script, think_scale=args.think_scale,
                    config=args.config, admin_token=args.admin_token, sla_ms=args.sla_ms,
                    deadline_ms=args.deadline_ms, p99_warning_ms=args.p99_warning_ms,
-                   csv_prefix=args.csv)
+                   csv_prefix=args.csv, engine=args.engine)
 
     def locust_command(self, json_path: Path) -> list[str]:
         command = [sys.executable, "-m", "locust", "-f",
@@ -97,7 +98,7 @@ class SwarmOptions:
                    "--host", self.target, "--only-summary", "--loglevel", "WARNING",
                    "--cp-shape", self.shape, "--cp-script", self.script,
                    "--cp-think-scale", str(self.think_scale), "--cp-json", str(json_path),
-                   "--cp-quiet"]
+                   "--cp-engine", self.engine, "--cp-quiet"]
         if self.workers > 1 or self.separate_master:
             # Master and workers talk over loopback on a free port: never on every interface,
             # and never on Locust's fixed default port that a second swarm would also want.
