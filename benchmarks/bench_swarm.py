@@ -46,7 +46,11 @@ sys.path.insert(0, str(ROOT))
 
 from chatprobe.config import load_target  # noqa: E402
 from chatprobe.protocols.reference import ReferenceAdapter  # noqa: E402
+from chatprobe.stamp import StampCodec  # noqa: E402
+from chatprobe.swarm.engine import now_us  # noqa: E402
+from chatprobe.swarm.fastref import CompiledWorkerEngine, compiled_engine_refusal  # noqa: E402
 from chatprobe.swarm.runner import SwarmOptions, run_swarm  # noqa: E402
+from chatprobe.swarm.scripts import load_script  # noqa: E402
 
 
 def free_port() -> int:
@@ -167,7 +171,7 @@ def bench_a(seconds: float, ramp_s: float, target: str) -> tuple[float, int]:
         # Coarse steps up to the first invalid level, then halve the gap twice: the knee
         # lies between the last valid level and the first invalid one.
         valid_at, invalid_at = 0, 0
-        for users in (40, 60, 80, 100, 120, 140, 160, 200, 240, 300):
+        for users in (40, 60, 80, 100, 120, 140, 160, 200, 240, 300, 360, 440, 520, 600):
             if not level_valid(users):
                 invalid_at = users
                 break
@@ -243,9 +247,36 @@ async def _hold_idle(url: str, count: int) -> tuple[int, float]:
     return len(sessions), (after - before) / max(1, len(sessions))
 
 
-def bench_c(count: int) -> tuple[int, float]:
+def _hold_idle_compiled(url: str, count: int) -> tuple[int, float]:
+    """The compiled engine's customers, each logged in with a conversation open and its
+    first message an hour away (a shopper reading the page)."""
+    engine = CompiledWorkerEngine(url, load_target(None), StampCodec.new_run(), "w0",
+                                  load_script("shopper"), agents=())
+    process = psutil.Process(os.getpid())
+    before = process.memory_info().rss
+    engine.start(time.sleep)
+    later = now_us() + 3_600_000_000
+    try:
+        for start in range(0, count, 500):  # in steps, as _hold_idle: the listener's backlog
+            end = min(count, start + 500)
+            for i in range(start, end):
+                engine.play_round(f"idle-{i}", f"idle-{i}-1", [(later, "greeting", "hello")],
+                                  -1, now_us())
+            deadline = time.monotonic() + 60
+            while engine.connected_customers < end and time.monotonic() < deadline:
+                time.sleep(0.05)
+        held = engine.connected_customers
+        after = process.memory_info().rss
+    finally:
+        engine.stop()
+    return held, (after - before) / max(1, held)
+
+
+def bench_c(count: int, compiled: bool) -> tuple[int, float]:
     proc, url = start_service()
     try:
+        if compiled:
+            return _hold_idle_compiled(url, count)
         return asyncio.run(_hold_idle(url, count))
     finally:
         proc.terminate()
@@ -287,9 +318,12 @@ def main() -> None:
           f"{min(echoes):,.0f}-{max(echoes):,.0f})")
     print(f"    ratio (a)/(b) = {best / echo:.2f} (against its fastest and slowest run: "
           f"{best / max(echoes):.2f}-{best / min(echoes):.2f}; target >= 1.0; aim 2.0)")
-    held, per_customer = bench_c(args.idle)
-    print(f"(c) idle customers held by one process: {held:,}, "
-          f"{per_customer / 1024:.1f} KB each (target >= 10,000 at <= 20 KB)")
+    for name, compiled in (("compiled engine", True), ("Python engine", False)):
+        if compiled and compiled_engine_refusal("http://127.0.0.1:1", load_target(None)):
+            continue
+        held, per_customer = bench_c(args.idle, compiled)
+        print(f"(c) idle customers held by one process, {name}: {held:,}, "
+              f"{per_customer / 1024:.1f} KB each (target >= 10,000 at <= 20 KB)")
 
 
 if __name__ == "__main__":

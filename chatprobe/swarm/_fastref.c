@@ -37,6 +37,8 @@
 
 /* ---- growable byte buffers ---- */
 
+#define KEEP_BUFFER (256u << 10)  /* a connection's buffer above this is freed once empty */
+
 typedef struct { char *p; size_t n, cap; } buf;
 
 static void buf_need(buf *b, size_t more) {
@@ -397,6 +399,7 @@ struct conn {
   uint32_t index;         /* for keys of per-connection memories */
   uint32_t generation;    /* counts closes: a handler can tell its socket went */
   int closing;            /* closed for good: a failure now is not a reason to reconnect */
+  int counted;            /* a customer's, in engine->connected */
 };
 
 #define RECENT 8  /* a customer's closed conversations whose late replies still count */
@@ -473,6 +476,7 @@ struct engine {
   timer lag_timer;
   uint32_t next_conn_index;
   int agents_ready_count;
+  buf rbuf;              /* what one read brought in, parsed from here */
   buf text;              /* a received text, unescaped */
   buf stamped;           /* a text being stamped */
   buf scratch;           /* a short-lived string */
@@ -488,6 +492,7 @@ struct engine {
   int agents_ready, stopped;
   char *failure, *failure_cause;
   uint8_t *alive; long cap_alive;  /* customers whose connection is not closed for good */
+  long connected;                  /* customers logged in now (for benchmarks and tests) */
 };
 
 static void set_alive(engine *e, long index, int alive) {
@@ -694,6 +699,7 @@ static void flush_one(conn *c) {
     return;
   }
   c->out.n = 0;
+  if (c->out.cap > KEEP_BUFFER) buf_free(&c->out);
 }
 
 static void flush_dirty(engine *e) {
@@ -718,8 +724,17 @@ static void conn_close_fd(conn *c) {
   c->ping_outstanding = 0;
 }
 
+static void count_connected(conn *c, int up) {
+  if (c->is_agent || c->counted == up) return;
+  c->counted = up;
+  pthread_mutex_lock(&c->e->lock);
+  c->e->connected += up ? 1 : -1;
+  pthread_mutex_unlock(&c->e->lock);
+}
+
 /* The socket goes and every timer of the connection with it. */
 static void conn_abort(conn *c) {
+  count_connected(c, 0);
   conn_close_fd(c);
   timer_cancel(&c->e->timers, &c->step);
   timer_cancel(&c->e->timers, &c->ping);
@@ -989,9 +1004,13 @@ static void on_http_answer(conn *c) {
 
 static void on_readable(conn *c) {
   engine *e = c->e;
+  /* Reads land in one buffer the loop shares: an idle connection holds no read buffer of
+   * its own, only the start of a frame that has not all arrived. */
+  buf *in = c->in.n ? &c->in : &e->rbuf;
+  e->rbuf.n = 0;
   for (;;) {
-    buf_need(&c->in, 65536);
-    ssize_t r = recv(c->fd, c->in.p + c->in.n, c->in.cap - c->in.n, 0);
+    buf_need(in, 65536);
+    ssize_t r = recv(c->fd, in->p + in->n, in->cap - in->n, 0);
     if (r < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -1005,18 +1024,19 @@ static void on_readable(conn *c) {
       else conn_lost(c, e->causes[CAUSE_TRANSPORT], "connection closed during login");
       return;
     }
-    c->in.n += (size_t)r;
-    if (c->in.n < c->in.cap) break;  /* drained: no second call to hear EAGAIN */
+    in->n += (size_t)r;
+    if (in->n < in->cap) break;  /* drained: no second call to hear EAGAIN */
   }
   if (c->state == C_UPGRADING) {
+    if (in == &e->rbuf) { buf_put(&c->in, e->rbuf.p, e->rbuf.n); e->rbuf.n = 0; in = &c->in; }
     on_http_answer(c);
     if (c->state != C_HELLO) return;
   }
   size_t at = 0;
   uint32_t generation = c->generation;
-  while (c->in.n - at >= 2) {
-    const uint8_t *b = (const uint8_t *)c->in.p + at;
-    size_t avail = c->in.n - at, len = b[1] & 0x7F, h = 2;
+  while (in->n - at >= 2) {
+    const uint8_t *b = (const uint8_t *)in->p + at;
+    size_t avail = in->n - at, len = b[1] & 0x7F, h = 2;
     if (b[1] & 0x80) { conn_lost(c, e->causes[CAUSE_PROTOCOL], "a masked frame from the server"); return; }
     if (len == 126) { if (avail < 4) break; len = ((size_t)b[2] << 8) | b[3]; h = 4; }
     else if (len == 127) {
@@ -1049,10 +1069,17 @@ static void on_readable(conn *c) {
       }
     } else if (opcode == 1) on_frame(c, payload, len);
     /* binary frames: the reference protocol sends none */
-    if (c->generation != generation) return;  /* lost while handling: its buffers were reset */
+    if (c->generation != generation) { e->rbuf.n = 0; return; }  /* lost while handling */
   }
-  memmove(c->in.p, c->in.p + at, c->in.n - at);
-  c->in.n -= at;
+  size_t rest = in->n - at;
+  if (in == &e->rbuf) {
+    if (rest) buf_put(&c->in, in->p + at, rest);
+    e->rbuf.n = 0;
+  } else {
+    memmove(c->in.p, c->in.p + at, rest);
+    c->in.n = rest;
+    if (rest == 0 && c->in.cap > KEEP_BUFFER) buf_free(&c->in);
+  }
 }
 
 static void on_writable(conn *c) {
@@ -1382,6 +1409,7 @@ static void on_ready(conn *c, int resumed) {
     return;
   }
   customer *cu = c->owner;
+  count_connected(c, 1);
   if (cu->state == S_OPENING && cu->playing) { send_open(cu); return; }  /* asked again */
   if (cu->state == S_CONNECTING) cu->state = S_IDLE;
   customer_next_round(cu);
@@ -1945,7 +1973,8 @@ static PyObject *engine_status(engine *e, PyObject *unused) {
   (void)unused;
   pthread_mutex_lock(&e->lock);
   int ready = e->agents_ready || e->n_agents == 0;
-  PyObject *result = Py_BuildValue("(Ozz)", ready ? Py_True : Py_False, e->failure, e->failure_cause);
+  PyObject *result = Py_BuildValue("(Ozzl)", ready ? Py_True : Py_False, e->failure, e->failure_cause,
+                                   e->connected);
   pthread_mutex_unlock(&e->lock);
   return result;
 }
@@ -2030,7 +2059,8 @@ static PyMethodDef engine_methods[] = {
   {"play_round", (PyCFunction)engine_play_round, METH_VARARGS, "Hand over one round."},
   {"leave", (PyCFunction)engine_leave, METH_VARARGS, "The customer leaves."},
   {"take", (PyCFunction)engine_take, METH_NOARGS, "Records and counters since the last take."},
-  {"status", (PyCFunction)engine_status, METH_NOARGS, "(agents ready, failure, failure cause)."},
+  {"status", (PyCFunction)engine_status, METH_NOARGS,
+   "(agents ready, failure, failure cause, customers logged in now)."},
   {"stop", (PyCFunction)engine_stop, METH_NOARGS, "Close everything and end the thread."},
   {"open_customers", (PyCFunction)engine_open_customers, METH_NOARGS,
    "Indexes of the customers whose connection is not closed for good."},

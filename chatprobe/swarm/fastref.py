@@ -194,7 +194,7 @@ class CompiledWorkerEngine:
     @property
     def ready(self) -> bool:
         if not self._agents_ready:
-            ready, failure, cause = self._engine.status()
+            ready, failure, cause, _ = self._engine.status()
             if failure is not None and self.failure is None:
                 self.failure, self.failure_cause = failure, cause
             self._agents_ready = bool(ready)
@@ -229,6 +229,11 @@ class CompiledWorkerEngine:
         closed for good."""
         names = {index: name for name, index in self._indexes.items()}
         return {f"{self.worker}{names[index]}" for index in self._engine.open_customers()}
+
+    @property
+    def connected_customers(self) -> int:
+        """Customers logged in right now."""
+        return self._engine.status()[3]
 
     def take_batch(self, cpu_percent: float | None) -> dict[str, Any]:
         sends, acks, receipts, events, late, forged, foreign, send_lag, loop_lag = (
