@@ -375,11 +375,13 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     from chatprobe.protocols.base import adapter_for
     from chatprobe.swarm.fastref import choose_engine
     from chatprobe.swarm.runner import SwarmOptions, run_swarm
+    from chatprobe.swarm.scripts import load_script
 
     target = check_target_url(args.target)
     config = _target_config(args)  # validate now: one clear line instead of a Locust traceback
     adapter_for(config.protocol)(target, config)  # an adapter's own config checks, too
-    choose_engine(args.engine, target, config)  # --engine compiled where it cannot: say why
+    # --engine compiled where it cannot: say why now, in one line
+    choose_engine(args.engine, target, config, script=load_script(args.script))
     _check_output_paths(args)
     started = time.time()
     # SIGTERM unwinds like Ctrl-C (proxies and kernel paths are removed on the way out)

@@ -137,12 +137,14 @@ class HandWrittenTarget:
     """A loopback WebSocket server that welcomes one agent, then sends it ``frames`` (raw
     WebSocket frames) and keeps what the engine sends back."""
 
-    def __init__(self, frames: list[bytes]) -> None:
+    def __init__(self, frames: list[bytes], host: str = "127.0.0.1") -> None:
         self.frames = frames
         self.received: list[tuple[int, bytes]] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, 0), family=family)
         self.listener.settimeout(scaled(10))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        where = f"[{host}]" if ":" in host else host
+        self.url = f"http://{where}:{self.listener.getsockname()[1]}"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -287,6 +289,19 @@ def test_a_frame_that_is_not_json_ends_the_link_with_a_named_cause(
     assert [event for event in seen["events"] if "dead" in event] == [
         "probe-1 dead: protocol.invalid_frames: bad frame from target: not a JSON object "
         "with a string type"]
+
+
+def test_an_ipv6_target_is_reached_over_ipv6(
+        codec: StampCodec, agent_engine: list[CompiledWorkerEngine]) -> None:
+    target = HandWrittenTarget([server_frame(message(codec, 1, "over IPv6", seq=1))],
+                               host="::1")
+    try:
+        engine = start_agent(agent_engine, codec, target)
+        seen: dict[str, list[Any]] = {}
+        wait_for(engine, seen, "a receipt", lambda s: len(s["receipts"]) == 1)
+    finally:
+        engine.stop()
+        target.close()
 
 
 def test_a_target_that_refuses_the_upgrade_is_left_to_the_python_engine() -> None:

@@ -29,7 +29,9 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -128,7 +130,7 @@ static int scan_object(const char *p, const char *e, field *out, int max) {
       if (depth != 0) return -1;
       vn = (size_t)(p - v); what = J_OTHER;
     } else {
-      while (p < e && *p != ',' && *p != '}' && *p != ' ') p++;
+      while (p < e && *p != ',' && *p != '}' && *p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') p++;
       vn = (size_t)(p - v);
       what = (vn > 0 && (*v == '-' || (*v >= '0' && *v <= '9'))) ? J_NUM : J_OTHER;
     }
@@ -427,6 +429,7 @@ typedef struct customer {
   const char *dead_cause; char *dead_detail;
   timer send_timer, open_timer, next_round;
   long number;        /* the wrapper's number for it */
+  int listed;         /* in e->alive: not ended (WorkerEngine.customers) */
 } customer;
 
 typedef struct agent {
@@ -686,7 +689,9 @@ static void flush_one(conn *c) {
     if (w < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-      conn_lost(c, c->e->causes[CAUSE_DISCONNECTED], strerror(errno));
+      char detail[600];
+      snprintf(detail, sizeof detail, "%s: %s", url_of(c), strerror(errno));
+      conn_lost(c, c->e->causes[c->state == C_READY ? CAUSE_DISCONNECTED : CAUSE_TRANSPORT], detail);
       return;
     }
     at += (size_t)w;
@@ -1002,31 +1007,10 @@ static void on_http_answer(conn *c) {
 
 #define MAX_MESSAGE (16u << 20)  /* a frame or a fragmented message longer: a protocol error */
 
-static void on_readable(conn *c) {
+/* Frames from what was read (in: the shared buffer, or the connection's own holding a
+ * partial frame); a partial frame left over is kept by the connection. */
+static void take_input(conn *c, buf *in) {
   engine *e = c->e;
-  /* Reads land in one buffer the loop shares: an idle connection holds no read buffer of
-   * its own, only the start of a frame that has not all arrived. */
-  buf *in = c->in.n ? &c->in : &e->rbuf;
-  e->rbuf.n = 0;
-  for (;;) {
-    buf_need(in, 65536);
-    ssize_t r = recv(c->fd, in->p + in->n, in->cap - in->n, 0);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-      char detail[600];
-      snprintf(detail, sizeof detail, "%s: %s", url_of(c), strerror(errno));
-      conn_lost(c, c->state == C_READY ? e->causes[CAUSE_DISCONNECTED] : e->causes[CAUSE_TRANSPORT], detail);
-      return;
-    }
-    if (r == 0) {
-      if (c->state == C_READY) conn_lost(c, e->causes[CAUSE_DISCONNECTED], "connection closed by the target or network");
-      else conn_lost(c, e->causes[CAUSE_TRANSPORT], "connection closed during login");
-      return;
-    }
-    in->n += (size_t)r;
-    if (in->n < in->cap) break;  /* drained: no second call to hear EAGAIN */
-  }
   if (c->state == C_UPGRADING) {
     if (in == &e->rbuf) { buf_put(&c->in, e->rbuf.p, e->rbuf.n); e->rbuf.n = 0; in = &c->in; }
     on_http_answer(c);
@@ -1064,8 +1048,8 @@ static void on_readable(conn *c) {
       buf_put(&c->frag, payload, len);
       if (fin) {
         if (c->frag_opcode == 1) on_frame(c, c->frag.p, c->frag.n);
-        if (c->generation != generation) return;
-        c->frag.n = 0;
+        if (c->generation != generation) { e->rbuf.n = 0; return; }
+        buf_free(&c->frag);
       }
     } else if (opcode == 1) on_frame(c, payload, len);
     /* binary frames: the reference protocol sends none */
@@ -1078,8 +1062,41 @@ static void on_readable(conn *c) {
   } else {
     memmove(c->in.p, c->in.p + at, rest);
     c->in.n = rest;
-    if (rest == 0 && c->in.cap > KEEP_BUFFER) buf_free(&c->in);
+    if (rest == 0) buf_free(&c->in);  /* the frame it held is whole: idle, it holds nothing */
   }
+}
+
+static void on_readable(conn *c) {
+  engine *e = c->e;
+  /* Reads land in one buffer the loop shares: an idle connection holds no read buffer of
+   * its own, only the start of a frame that has not all arrived. */
+  buf *in = c->in.n ? &c->in : &e->rbuf;
+  e->rbuf.n = 0;
+  const char *lost = NULL;  /* the connection ended: handled after what came before it */
+  char detail[600] = "";
+  for (;;) {
+    buf_need(in, 65536);
+    ssize_t r = recv(c->fd, in->p + in->n, in->cap - in->n, 0);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      snprintf(detail, sizeof detail, "%s: %s", url_of(c), strerror(errno));
+      lost = c->state == C_READY ? e->causes[CAUSE_DISCONNECTED] : e->causes[CAUSE_TRANSPORT];
+      break;
+    }
+    if (r == 0) {
+      snprintf(detail, sizeof detail, "%s", c->state == C_READY
+               ? "connection closed by the target or network" : "connection closed during login");
+      lost = c->state == C_READY ? e->causes[CAUSE_DISCONNECTED] : e->causes[CAUSE_TRANSPORT];
+      break;
+    }
+    in->n += (size_t)r;
+    if (in->n < in->cap) break;  /* drained: no second call to hear EAGAIN */
+  }
+  uint32_t generation = c->generation;
+  take_input(c, in);
+  e->rbuf.n = 0;
+  if (lost != NULL && c->generation == generation) conn_lost(c, lost, detail);
 }
 
 static void on_writable(conn *c) {
@@ -1161,13 +1178,19 @@ static int open_conversations(customer *cu) {
 }
 
 /* A leaving customer whose conversations are all closed goes, its connection with it. */
+static void list_customer(customer *cu, int listed) {  /* in open_customers() or not */
+  if (cu->listed == listed) return;
+  cu->listed = listed;
+  set_alive(cu->e, cu->number, listed);
+}
+
 static void maybe_gone(customer *cu) {
   if (!cu->leaving || cu->playing || cu->state == S_GONE || open_conversations(cu)) return;
   engine *e = cu->e;
   conn_finish(&cu->c);
   timer_cancel(&e->timers, &cu->next_round);
   cu->state = S_GONE;
-  set_alive(e, cu->number, 0);
+  list_customer(cu, 0);
 }
 
 /* May free cv (pruned) and end the customer (maybe_gone). */
@@ -1270,6 +1293,7 @@ static void session_failed(customer *cu, const char *cause, const char *detail) 
   cu->state = S_IDLE;
   if (cu->leaving) { maybe_gone(cu); return; }
   if (cu->queue) timer_arm(&e->timers, &cu->next_round, cu->queue->start_us);
+  else list_customer(cu, 0);  /* over, as WorkerEngine's customer task; a new round revives it */
 }
 
 /* The link died for good (after its reconnects): a round being opened fails with it; a round
@@ -1287,7 +1311,8 @@ static void link_dead(customer *cu, const char *cause, const char *detail) {
   }
   for (int i = 0; i < cu->n_convs; i++)
     if (cu->convs[i]->closing) conv_close(cu, cu->convs[i]), i = -1;  /* the list may change */
-  if (cu->state != S_GONE && !cu->playing) maybe_gone(cu);
+  /* rounds queued while it reconnected: their opens fail now, as Python's would */
+  if (cu->state != S_GONE && !cu->playing) customer_next_round(cu);
 }
 
 /* Take the next round handed over, if any and the session is up. */
@@ -1305,24 +1330,30 @@ static void customer_next_round(customer *cu) {
     } else maybe_gone(cu);
     return;
   }
+  if (cu->leaving) {  /* what is queued never happens; the connection goes once answered */
+    while (cu->queue) { round_t *r = cu->queue; cu->queue = r->next; round_free(r); }
+    cu->queue_tail = NULL;
+    maybe_gone(cu);
+    return;
+  }
   if (!c->ever_ready && c->state == C_DOWN && c->step.pos < 0) {  /* no session */
-    if (cu->leaving) { maybe_gone(cu); return; }
     if (cu->queue == NULL || cu->next_round.pos >= 0) return;  /* connects when a round is due */
     cu->connecting_since = mono_us();
     cu->state = S_CONNECTING;
     conn_start(c);
     return;
   }
-  if (c->state != C_READY || !c->ever_ready) return;  /* on_ready starts it */
-  while (cu->queue) {
+  if (c->state != C_READY || !c->ever_ready) {  /* on_ready starts it */
+    /* a round waiting for the reconnect waits for the target, not for the generator */
+    if (cu->queue && !cu->connecting_since) cu->connecting_since = mono_us();
+    return;
+  }
+  if (cu->queue) {
     round_t *r = cu->queue;
     cu->queue = r->next;
     if (cu->queue == NULL) cu->queue_tail = NULL;
-    if (cu->leaving) { round_free(r); continue; }
     start_round(cu, r);
-    return;
   }
-  maybe_gone(cu);
 }
 
 static void next_round_due(timer *t) {
@@ -1687,7 +1718,7 @@ static customer *customer_get(engine *e, long index, const char *name) {
   cu->send_timer.fire = send_due; cu->open_timer.fire = open_timed_out; cu->next_round.fire = next_round_due;
   cu->state = S_IDLE;
   cu->number = index;
-  set_alive(e, index, 1);
+  list_customer(cu, 1);
   return cu;
 }
 
@@ -1713,6 +1744,7 @@ static void take_handovers(engine *e) {
       }
     } else {
       customer *cu = customer_get(e, h->customer, h->name);
+      list_customer(cu, 1);
       h->round->next = NULL;
       if (cu->queue_tail) cu->queue_tail->next = h->round; else cu->queue = h->round;
       cu->queue_tail = h->round;
@@ -1724,9 +1756,18 @@ static void take_handovers(engine *e) {
   }
 }
 
+#define LOOP_NICENESS 5
+
 static void *loop_main(void *arg) {
   engine *e = arg;
   struct epoll_event events[512];
+  /* Below the process's other threads when the machine is short of CPU: Locust's own thread
+   * (heartbeats to the master, the users' plans, the batches) must keep its pace, or the
+   * master counts the worker as missing and never tells it to stop. This thread then falls
+   * behind its plan instead, which the run reports as the generator's own lateness. */
+  if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), getpriority(PRIO_PROCESS, 0) + LOOP_NICENESS) != 0) {
+    /* not allowed: the thread runs at the process's priority */
+  }
   for (int i = 0; i < e->n_agents; i++) conn_start(&e->agents[i].c);
   take_handovers(e);  /* any handed over before the thread ran */
   flush_dirty(e);

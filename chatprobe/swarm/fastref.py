@@ -36,13 +36,16 @@ try:
 except ImportError as exc:  # built at install when a C compiler was there (optional)
     _IMPORT_ERROR = str(exc)
 
+MAX_SEQ = 64  # _fastref.c keeps a round's expected replies in a 64-bit mask (seq 1-63)
+
 # The order _fastref.c reads them in (engine->causes).
 _CAUSES = (Cause.NOT_ACCEPTED, Cause.TRANSPORT, Cause.DISCONNECTED, Cause.UPGRADE_REFUSED,
            Cause.PROTOCOL, Cause.AUTH_REJECTED, Cause.SESSION_EXPIRED, Cause.ACCOUNT_FROZEN)
 
 
 def compiled_engine_refusal(target_url: str, config: TargetConfig,
-                            agent_url: str | None = None) -> str | None:
+                            agent_url: str | None = None,
+                            script: Script | None = None) -> str | None:
     """Why the compiled engine cannot drive this target (None: it can)."""
     if _IMPORT_ERROR is not None:
         return f"the compiled engine is not built ({_IMPORT_ERROR})"
@@ -54,6 +57,9 @@ def compiled_engine_refusal(target_url: str, config: TargetConfig,
         scheme = urlsplit(websocket_url(url)).scheme
         if scheme != "ws":
             return f"the compiled engine has no TLS ({scheme}:// target)"
+    if script is not None and any(step.expects_reply for step in script.steps[MAX_SEQ - 1:]):
+        return (f"the compiled engine answers the first {MAX_SEQ - 1} messages of a round "
+                f"only; script {script.name!r} expects a reply later than that")
     return None
 
 
@@ -61,12 +67,13 @@ ENGINES = ("auto", "compiled", "python")
 
 
 def choose_engine(choice: str, target_url: str, config: TargetConfig,
-                  agent_url: str | None = None) -> type[CompiledWorkerEngine | WorkerEngine]:
+                  agent_url: str | None = None,
+                  script: Script | None = None) -> type[CompiledWorkerEngine | WorkerEngine]:
     """The engine class for ``choice`` (one of ENGINES): auto takes the compiled one where it
     can drive the target; compiled where it cannot is a HarnessError saying why."""
     if choice == "python":
         return WorkerEngine
-    refusal = compiled_engine_refusal(target_url, config, agent_url)
+    refusal = compiled_engine_refusal(target_url, config, agent_url, script)
     if refusal is None and config.long_poll_fallback and any(
             upgrade_refused(url, config.connect_timeout_s)
             for url in {target_url, agent_url or target_url}):
@@ -111,10 +118,14 @@ def _address(url: str) -> tuple[bytes, str, str]:
         raise HarnessError(f"malformed target URL: {url!r}")
     port = parts.port or 80
     try:
-        family, _, _, _, sockaddr = socket.getaddrinfo(parts.hostname, port,
-                                                       type=socket.SOCK_STREAM)[0]
+        found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise HarnessError(f"cannot resolve {parts.hostname!r}: {exc.strerror}") from None
+    # Of several addresses, the first that takes a connection, as asyncio tries them in turn
+    # (localhost may name ::1 first for a server listening on 127.0.0.1 only); none: the
+    # first, and the engine reports what connecting to it says.
+    family, _, _, _, sockaddr = found[0] if len(found) == 1 else next(
+        (item for item in found if _connects(item[4])), found[0])
     host = str(sockaddr[0])
     # struct sockaddr_in / sockaddr_in6 as the kernel reads them: family in host order,
     # port (and flow info) in network order.
@@ -128,6 +139,17 @@ def _address(url: str) -> tuple[bytes, str, str]:
                   + socket.inet_pton(socket.AF_INET6, host) + struct.pack("=I", scope_id))
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return packed, path, parts.netloc
+
+
+def _connects(sockaddr: tuple[Any, ...]) -> bool:
+    family = socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2.0)
+            probe.connect(sockaddr)
+        return True
+    except OSError:
+        return False
 
 
 @dataclass
@@ -145,7 +167,7 @@ class CompiledWorkerEngine:
     def __init__(self, target_url: str, config: TargetConfig, codec: StampCodec,
                  worker: str, script: Script | None = None, agent_url: str | None = None,
                  agents: Sequence[AgentCredential] | None = None) -> None:
-        refusal = compiled_engine_refusal(target_url, config, agent_url)
+        refusal = compiled_engine_refusal(target_url, config, agent_url, script)
         if refusal is not None:
             raise HarnessError(refusal)
         self.worker = worker
@@ -163,9 +185,6 @@ class CompiledWorkerEngine:
         reply_kinds = {} if script is None else {
             seq: f"reply:{step.kind}" for seq, step in enumerate(script.steps, start=1)
             if step.expects_reply}
-        if any(seq >= 64 for seq in reply_kinds):
-            raise HarnessError("the compiled engine answers the first 63 messages of a "
-                               "round only; the script expects a reply later than that")
         address, path, host_header = _address(target_url)
         agent_address, agent_path, agent_host = _address(agent_url or target_url)
         self._engine = _fastref.Engine(

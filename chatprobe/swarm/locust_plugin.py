@@ -316,7 +316,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     workers = [int(index) for index in _opts(environment).cp_agent_workers.split(",")
                if index.isascii() and index.isdecimal()]
     agent_url = _opts(environment).cp_agent_target or None
-    engine_class = choose_engine(_opts(environment).cp_engine, host, config, agent_url)
+    engine_class = choose_engine(_opts(environment).cp_engine, host, config, agent_url,
+                                 STATE.script)
     STATE.engine = engine_class(host, config, codec, f"w{worker_index}", script=STATE.script,
                                 agent_url=agent_url,
                                 agents=agents_of_worker(config.agents, worker_index, workers))
