@@ -5,7 +5,8 @@ locustfile, and how many idle customers one worker holds. Run in one go on this 
                                                [--repeat-b 3]
 
 (a) stamped messages/s one worker sustains with every message confirmed by a probe agent
-    (chatprobe swarm, 1 worker process plus its master, the shopper script: open, 5 messages,
+    (chatprobe swarm with its default engine, the compiled one here; 1 worker process plus
+    its master, the shopper script: open, 5 messages,
     3 agent replies, close, 10 % of customers reconnecting), stepping the load up until the
     run is invalid (the generator fell behind its plan). The target is
     benchmarks/relay_server.py, a lean relay speaking the reference protocol, so that the
@@ -14,7 +15,9 @@ locustfile, and how many idle customers one worker holds. Run in one go on this 
 (b) round trips/s of a plain locustfile (websocket-client, send and wait for the echo) with
     the same number of users, run --repeat-b times (it moves a lot between runs), and the
     ratio (a)/(b) against their median, with the range against the fastest and slowest;
-(c) concurrent idle customers one worker holds, and memory per customer.
+(c) concurrent idle customers one worker holds, and memory per customer, in each engine (the
+    compiled one's customers each have a conversation open, their first message an hour
+    away; the Python one's are logged in).
 Both (a) and (b) start their users over --ramp seconds, as a promotion shape does, and count
 rates over the --seconds that follow, once every user runs (the ramp's own traffic is in
 neither rate, but a generator that fell behind during it still makes (a)'s run invalid).

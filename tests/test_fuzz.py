@@ -197,6 +197,51 @@ def test_the_websocket_client_survives_any_bytes_after_the_handshake(tally: Tall
     tally.report()
 
 
+def test_the_compiled_engine_survives_any_bytes_from_the_target(tally: Tally) -> None:
+    import chatprobe.swarm._fastref as compiled
+    from chatprobe.config import AgentCredential
+    from chatprobe.swarm.fastref import CompiledWorkerEngine
+    from chatprobe.swarm.scripts import load_script
+
+    codec = StampCodec.new_run("fuzzrun")
+    engine = CompiledWorkerEngine("http://127.0.0.1:9", load_target(None), codec, "w0",
+                                  script=load_script("shopper"),
+                                  agents=[AgentCredential("probe-1", "t")])._engine
+    kinds = st.sampled_from(["ack", "message", "error", "opened", "welcome", "closed",
+                             "status", "assigned", "pong", "x"])
+    texts = st.one_of(st.text(max_size=80), st.builds(
+        lambda body, seq: codec.stamp_text(body, "w0c1-1", "w0c1-1", seq, 5),
+        st.text(max_size=40), st.integers(-3, 70)))
+    frames = st.builds(lambda kind, fields: json.dumps({**fields, "type": kind}).encode(),
+                       kinds, st.dictionaries(
+                           st.sampled_from(["id", "client_msg_id", "ref", "code", "text",
+                                            "conversation", "ts", "last_id"]),
+                           json_values | texts, max_size=5))
+
+    def framed(payload: bytes, opcode: int, fin: int) -> bytes:
+        head = bytes([fin << 7 | opcode])
+        if len(payload) < 126:
+            return head + bytes([len(payload)]) + payload
+        return head + bytes([126]) + len(payload).to_bytes(2, "big") + payload
+
+    chunks = st.one_of(
+        st.binary(max_size=300),
+        st.builds(framed, frames | st.binary(max_size=200), st.sampled_from([0, 1, 2, 8, 9, 10]),
+                  st.integers(0, 1)),
+        st.integers(1 << 20, 1 << 40).map(lambda n: bytes([0x81, 127]) + n.to_bytes(8, "big")))
+
+    @FUZZ
+    @given(role=st.integers(0, 1), state=st.integers(0, 1), data=st.lists(chunks, max_size=5))
+    def check(role: int, state: int, data: list[bytes]) -> None:
+        tally()
+        events = engine.feed(role, state, b"".join(data))
+        assert all(isinstance(event, str) for event in events)
+
+    assert isinstance(compiled.Engine, type)
+    check()
+    tally.report()
+
+
 def test_every_config_loader_answers_any_document_with_one_line(tally: Tally,
                                                                 tmp_path: Path) -> None:
     loaders: list[Callable[[Any], object]] = [

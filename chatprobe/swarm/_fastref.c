@@ -52,6 +52,7 @@ static void buf_need(buf *b, size_t more) {
   }
 }
 static void buf_put(buf *b, const void *s, size_t n) {
+  if (n == 0) return;  /* an empty buffer's pointer may be NULL: no memcpy from it */
   buf_need(b, n); memcpy(b->p + b->n, s, n); b->n += n;
 }
 static void buf_str(buf *b, const char *s) { buf_put(b, s, strlen(s)); }
@@ -1060,9 +1061,8 @@ static void take_input(conn *c, buf *in) {
     if (rest) buf_put(&c->in, in->p + at, rest);
     e->rbuf.n = 0;
   } else {
-    memmove(c->in.p, c->in.p + at, rest);
-    c->in.n = rest;
     if (rest == 0) buf_free(&c->in);  /* the frame it held is whole: idle, it holds nothing */
+    else { memmove(c->in.p, c->in.p + at, rest); c->in.n = rest; }
   }
 }
 
@@ -2073,6 +2073,38 @@ static PyObject *stamp_text_py(engine *e, PyObject *args) {
   return result;
 }
 
+/* For the fuzz tests: ``data`` arrives on an agent's (role 1) or a customer's (role 0)
+ * connection, up (state 0) or waiting for its welcome (state 1), with no socket and no loop
+ * thread; whatever it does is dropped. Returns the events it caused. */
+static PyObject *feed_py(engine *e, PyObject *args) {
+  int role, state; const char *data; Py_ssize_t n;
+  if (!PyArg_ParseTuple(args, "iiy#", &role, &state, &data, &n)) return NULL;
+  if (e->thread_started || e->path == NULL) {
+    PyErr_SetString(PyExc_RuntimeError, "feed() is for an engine that was never started");
+    return NULL;
+  }
+  conn *c;
+  if (role == 1) {
+    if (e->n_agents < 1) { PyErr_SetString(PyExc_ValueError, "no agent to feed"); return NULL; }
+    c = &e->agents[0].c;
+    if (c->e == NULL) conn_init(e, c, 1, &e->agents[0]);
+  } else c = &customer_get(e, 0, "fuzz")->c;
+  c->closing = 0;
+  c->state = state == 1 ? C_HELLO : C_READY;
+  c->ever_ready = 1;
+  e->agents_ready_count = 0;
+  buf_put(&c->in, data, (size_t)n);
+  take_input(c, &c->in);
+  /* nothing was sent anywhere: forget what it would have sent, and any reconnect it began */
+  c->out.n = 0;
+  timer_cancel(&e->timers, &c->step);
+  if (c->fd >= 0) conn_close_fd(c);
+  e->n_dirty = 0;
+  PyObject *events = decode_records(&e->local_events, "s");
+  e->local_sends.n = e->local_acks.n = e->local_receipts.n = e->local_events.n = 0;
+  return events;
+}
+
 static PyObject *check_text_py(engine *e, PyObject *args) {
   /* for tests: (conversation, seq, valid, foreign) of a text's stamp, or None */
   const char *text; Py_ssize_t n;
@@ -2107,6 +2139,7 @@ static PyMethodDef engine_methods[] = {
    "Indexes of the customers whose connection is not closed for good."},
   {"stamp_text", (PyCFunction)stamp_text_py, METH_VARARGS, "A stamped text (for tests)."},
   {"check_text", (PyCFunction)check_text_py, METH_VARARGS, "A text's stamp (for tests)."},
+  {"feed", (PyCFunction)feed_py, METH_VARARGS, "Bytes into a connection, no socket (for tests)."},
   {NULL, NULL, 0, NULL}};
 
 static PyTypeObject EngineType = {
