@@ -256,6 +256,9 @@ def test_demo_runs_the_main_job_and_exits_0(tmp_path: Path) -> None:
     ["swarm", "--target", "http://127.0.0.1:9", "--script", "no-such-script"],
     ["swarm", "--target", "ftp://x", "--shape", "pre-heat"],
     ["swarm", "--target", "http://127.0.0.1:9", "--workers", "0"],
+    ["swarm", "--target", "http://127.0.0.1:9", "--engine", "turbo"],
+    # The compiled engine has no TLS: asked for, it says so before anything starts.
+    ["swarm", "--target", "https://127.0.0.1:9", "--engine", "compiled"],
 ])
 def test_swarm_bad_input_exits_3_with_one_line(args: list[str]) -> None:
     result = chatprobe(*args)
