@@ -22,6 +22,8 @@ ensure_venv() {
     if [[ ! -x $VENV/bin/python ]]; then
         "$PY" -m venv "$VENV"
     fi
+    # The compiled engine is built in place; an old build must not outlive a failed one.
+    rm -f chatprobe/swarm/_fastref*.so
     if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip \
            && "$VENV/bin/python" -m pip install --disable-pip-version-check -e ".$extras"; } \
            > "$VENV/install.log" 2>&1; then
@@ -30,6 +32,12 @@ ensure_venv() {
         exit 3
     fi
     echo "$want" > "$VENV/.chatprobe-installed"
+}
+
+# The compiled swarm engine is optional for chatprobe (swarms then run the Python engine),
+# not for its tests.
+compiled_engine_built() {
+    "$VENV/bin/python" -c "import chatprobe.swarm._fastref" 2>/dev/null
 }
 
 # Third-party chat servers the test suite probes (docs: shared design real-targets.md);
@@ -95,10 +103,17 @@ shift || true
 case "$command" in
     demo)
         ensure_venv "[test]"
+        compiled_engine_built || echo "chatprobe: the compiled swarm engine did not build (it needs gcc and the Python headers; see $VENV/install.log): the swarm runs the Python engine" >&2
         exec "$VENV/bin/chatprobe" demo "$@"
         ;;
     test)
         ensure_venv "[test]"
+        if ! compiled_engine_built; then
+            grep -iE -m 5 "error" "$VENV/install.log" >&2 || true
+            echo "chatprobe: the compiled swarm engine did not build (it needs gcc and the Python headers; full log: $VENV/install.log)" >&2
+            rm -f "$VENV/.chatprobe-installed"  # the next run tries again
+            exit 3
+        fi
         ensure_debian_packages "${TEST_DEBIAN_PACKAGES[@]}"
         ensure_synapse
         "$VENV/bin/ruff" check chatprobe tests benchmarks loadtests probes

@@ -409,8 +409,11 @@ def build_compiled(folder: str) -> str | None:
     if compiler is None:
         return None
     binary = os.path.join(folder, "floor")
-    subprocess.run([compiler, "-O2", "-o", binary, str(ROOT / "benchmarks" / "floor.c")],
-                   check=True)
+    built = subprocess.run([compiler, "-O2", "-o", binary, str(ROOT / "benchmarks" / "floor.c")],
+                           capture_output=True, text=True, check=False)
+    if built.returncode != 0:
+        print(f"c-floor: {compiler} failed: {built.stderr.strip()[-300:]}")
+        return None
     return binary
 
 
@@ -491,7 +494,7 @@ def main() -> None:
         try:
             binary = build_compiled(folder)
             if binary is None:
-                print("c-floor: skipped, no C compiler (cc or gcc) on PATH")
+                print("c-floor: skipped (no C compiler, cc or gcc, or it failed)")
             refusal = compiled_engine_refusal(url, load_target(None))
             if refusal is not None:
                 print(f"c-engine: skipped, {refusal}")

@@ -143,6 +143,7 @@ def swarm_level(url: str, server: subprocess.Popen[str], users: int, think_scale
     steady = series[1:-1] or series
     rate = sum(r["delivered_per_s"] for r in steady) / max(1, len(steady))
     return {"users": users, "delivered_per_s": rate, "valid": doc["valid"],
+            "engine": ",".join(sorted({g.get("engine", "?") for g in doc["generator"].values()})),
             "lost": doc["lost"], "p99_ms": doc["latency_ms"]["p99"],
             "why": doc["invalid_reasons"], "cpu": shares}
 
@@ -158,7 +159,8 @@ def bench_a(seconds: float, ramp_s: float, target: str) -> tuple[float, int]:
     def level_valid(users: int) -> bool:
         nonlocal best, best_users
         level = swarm_level(url, proc, users, 0.01, seconds, ramp_s)
-        print(f"  (a) {users:>4} users: {level['delivered_per_s']:>8.0f} delivered/s, "
+        print(f"  (a) {users:>4} users, {level['engine']} engine: "
+              f"{level['delivered_per_s']:>8.0f} delivered/s, "
               f"valid={level['valid']}, lost={level['lost']}, p99={level['p99_ms']} ms; "
               f"CPU of one core: {describe_cpu(level['cpu'])}", flush=True)
         if not level["valid"]:
@@ -322,7 +324,9 @@ def main() -> None:
     print(f"    ratio (a)/(b) = {best / echo:.2f} (against its fastest and slowest run: "
           f"{best / max(echoes):.2f}-{best / min(echoes):.2f}; target >= 1.0; aim 2.0)")
     for name, compiled in (("compiled engine", True), ("Python engine", False)):
-        if compiled and compiled_engine_refusal("http://127.0.0.1:1", load_target(None)):
+        refusal = compiled_engine_refusal("http://127.0.0.1:1", load_target(None))
+        if compiled and refusal:
+            print(f"(c) compiled engine: skipped, {refusal}")
             continue
         held, per_customer = bench_c(args.idle, compiled)
         print(f"(c) idle customers held by one process, {name}: {held:,}, "

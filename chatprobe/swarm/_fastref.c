@@ -1184,6 +1184,16 @@ static void list_customer(customer *cu, int listed) {  /* in open_customers() or
   set_alive(cu->e, cu->number, listed);
 }
 
+/* A gone customer keeps its struct (its number may come back) and nothing else: users come
+ * and go all through a long run. */
+static void customer_release(customer *cu) {
+  while (cu->n_convs) conv_remove(cu, cu->n_convs - 1);
+  free(cu->convs); cu->convs = NULL; cu->cap_convs = 0;
+  seen_free(&cu->c.seen);
+  buf_free(&cu->c.in); buf_free(&cu->c.out); buf_free(&cu->c.frag);
+  free(cu->dead_detail); cu->dead_detail = NULL;
+}
+
 static void maybe_gone(customer *cu) {
   if (!cu->leaving || cu->playing || cu->state == S_GONE || open_conversations(cu)) return;
   engine *e = cu->e;
@@ -1191,6 +1201,7 @@ static void maybe_gone(customer *cu) {
   timer_cancel(&e->timers, &cu->next_round);
   cu->state = S_GONE;
   list_customer(cu, 0);
+  customer_release(cu);
 }
 
 /* May free cv (pruned) and end the customer (maybe_gone). */

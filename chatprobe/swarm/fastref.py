@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from chatprobe.config import AgentCredential, TargetConfig
 from chatprobe.diagnosis import Cause
-from chatprobe.errors import HarnessError
+from chatprobe.errors import HarnessError, TargetError
 from chatprobe.protocols.reference import websocket_url
 from chatprobe.stamp import StampCodec
 from chatprobe.swarm.collector import empty_batch
@@ -120,7 +120,8 @@ def _address(url: str) -> tuple[bytes, str, str]:
     try:
         found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise HarnessError(f"cannot resolve {parts.hostname!r}: {exc.strerror}") from None
+        raise TargetError(Cause.TRANSPORT, f"{url}: cannot resolve {parts.hostname!r}: "
+                                           f"{exc.strerror}") from None
     # Of several addresses, the first that takes a connection, as asyncio tries them in turn
     # (localhost may name ::1 first for a server listening on 127.0.0.1 only); none: the
     # first, and the engine reports what connecting to it says.

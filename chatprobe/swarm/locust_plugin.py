@@ -37,7 +37,7 @@ from chatprobe.config import (
     with_overrides,
 )
 from chatprobe.diagnosis import Cause, Diagnosis
-from chatprobe.errors import HarnessError
+from chatprobe.errors import HarnessError, TargetError
 from chatprobe.ledger import MessageRecord, Outcome
 from chatprobe.paths import write_json
 from chatprobe.stamp import StampCodec
@@ -316,12 +316,22 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     workers = [int(index) for index in _opts(environment).cp_agent_workers.split(",")
                if index.isascii() and index.isdecimal()]
     agent_url = _opts(environment).cp_agent_target or None
-    engine_class = choose_engine(_opts(environment).cp_engine, host, config, agent_url,
-                                 STATE.script)
-    STATE.engine = engine_class(host, config, codec, f"w{worker_index}", script=STATE.script,
-                                agent_url=agent_url,
-                                agents=agents_of_worker(config.agents, worker_index, workers))
-    STATE.engine.start(gevent.sleep)
+    agents = agents_of_worker(config.agents, worker_index, workers)
+    try:
+        engine_class = choose_engine(_opts(environment).cp_engine, host, config, agent_url,
+                                     STATE.script)
+        STATE.engine = engine_class(host, config, codec, f"w{worker_index}",
+                                    script=STATE.script, agent_url=agent_url, agents=agents)
+    except (HarnessError, TargetError) as exc:
+        # This worker cannot run its engine (--cp-engine compiled where it is not built, a
+        # host that does not resolve): its failure, one line on the master, instead of a
+        # traceback in this event and a run that waits for a worker with no engine.
+        STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}",
+                                    script=STATE.script, agent_url=agent_url, agents=agents)
+        STATE.engine.failure = str(exc)
+        STATE.engine.failure_cause = exc.cause.value if isinstance(exc, TargetError) else None
+    else:
+        STATE.engine.start(gevent.sleep)
     STATE.greenlets.append(gevent.spawn(_flush_forever, environment))
 
 
