@@ -373,15 +373,12 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 def cmd_swarm(args: argparse.Namespace) -> int:
     from chatprobe.protocols.base import adapter_for
-    from chatprobe.swarm.fastref import choose_engine
     from chatprobe.swarm.runner import SwarmOptions, run_swarm
-    from chatprobe.swarm.scripts import load_script
 
     target = check_target_url(args.target)
     config = _target_config(args)  # validate now: one clear line instead of a Locust traceback
     adapter_for(config.protocol)(target, config)  # an adapter's own config checks, too
-    if args.engine == "compiled":  # where it cannot: say why now, in one line
-        choose_engine(args.engine, target, config, script=load_script(args.script))
+    _check_engine(args, target, config)
     _check_output_paths(args)
     started = time.time()
     # SIGTERM unwinds like Ctrl-C (proxies and kernel paths are removed on the way out)
@@ -392,6 +389,15 @@ def cmd_swarm(args: argparse.Namespace) -> int:
             return _swarm_with_profiles(args, target, started)
         doc = run_swarm(SwarmOptions.from_args(target, args))
         return _report_doc(args, doc, started)
+
+
+def _check_engine(args: argparse.Namespace, target: str, config: TargetConfig) -> None:
+    """--engine compiled where it cannot run: why, in one line, before anything starts."""
+    from chatprobe.swarm.fastref import choose_engine
+    from chatprobe.swarm.scripts import load_script
+
+    if args.engine == "compiled":
+        choose_engine(args.engine, target, config, script=load_script(args.script))
 
 
 @contextlib.contextmanager
@@ -431,13 +437,10 @@ def _swarm_with_profiles(args: argparse.Namespace, target: str, started: float) 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from chatprobe.swarm.fastref import choose_engine
     from chatprobe.swarm.runner import SwarmOptions, run_swarm
-    from chatprobe.swarm.scripts import load_script
 
     config = _target_config(args)
-    if args.engine == "compiled":  # the service is not up yet: only what needs no network
-        choose_engine("compiled", "http://127.0.0.1:1", config, script=load_script(args.script))
+    _check_engine(args, "http://127.0.0.1:1", config)  # the service it starts: not up yet
     _check_output_paths(args)
     if args.profile or args.agent_profile:
         raise HarnessError("the demo runs on a clean network; for profiles use "

@@ -5,8 +5,6 @@ Its whole job against the reference service is in tests/test_engine.py and test_
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import socket
 import struct
@@ -19,6 +17,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.utils import accept_key
 
 import chatprobe.swarm._fastref as compiled
 from chatprobe.config import AgentCredential, TargetConfig, load_target
@@ -163,11 +162,9 @@ class HandWrittenTarget:
                 head += chunk
             key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
                        if line.lower().startswith(b"sec-websocket-key:"))
-            accept = base64.b64encode(hashlib.sha1(
-                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
             connection.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                               b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept +
-                               b"\r\n\r\n")
+                               b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                               + accept_key(key.decode()).encode() + b"\r\n\r\n")
             pending = bytearray()
             self.received.append(read_client_frame(connection, pending))  # the hello
             connection.sendall(server_frame(orjson.dumps({

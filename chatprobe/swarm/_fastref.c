@@ -391,7 +391,7 @@ struct conn {
   buf in, out, frag;
   int frag_opcode;
   int dirty, waiting_out;
-  int ever_ready, dropping;
+  int ever_ready;
   int64_t last_id; int has_last_id;
   seen_keys seen;         /* message ids pushed on this link (a resume may replay some) */
   pending *first, *last;  /* unacked sends */
@@ -473,7 +473,7 @@ struct engine {
   int epfd, wakefd;
   heap timers;
   conn **dirty; long n_dirty, cap_dirty;
-  customer **customers; long n_customers, cap_customers;
+  customer **customers; long cap_customers;
   u64map unacked;      /* hash of (client_msg_id, connection) -> pending */
   seen_keys replied;   /* (conversation, seq): questions already answered */
   uint32_t mask_state;
@@ -493,7 +493,7 @@ struct engine {
   int stopping;
   buf sends, acks, receipts, events;
   int64_t late_sends, send_lag_max_us, forged, foreign, loop_lag_max_us;
-  int agents_ready, stopped;
+  int agents_ready;
   char *failure, *failure_cause;
   uint8_t *alive; long cap_alive;  /* customers whose connection is not closed for good */
   long connected;                  /* customers logged in now (for benchmarks and tests) */
@@ -584,7 +584,7 @@ static void stamp_into(engine *e, buf *b, const char *body, size_t bn, const cha
   b->p[b->n++] = ']';
 }
 
-typedef struct { const char *sender, *conv; size_t sender_n, conv_n; int seq; int64_t intended; int valid, foreign; } stamp;
+typedef struct { const char *conv; size_t conv_n; int seq; int valid, foreign; } stamp;
 
 /* 0: no stamp (an ordinary message); else fills s */
 static int parse_stamp(engine *e, const char *t, size_t n, stamp *s) {
@@ -617,8 +617,8 @@ static int parse_stamp(engine *e, const char *t, size_t n, stamp *s) {
     if (h < 0 || intended > (INT64_MAX >> 4)) return 0;
     intended = intended * 16 + h;
   }
-  s->sender = part[1]; s->sender_n = len[1]; s->conv = part[2]; s->conv_n = len[2];
-  s->seq = (int)seq; s->intended = intended;
+  s->conv = part[2]; s->conv_n = len[2];
+  s->seq = (int)seq;
   size_t run_n = strlen(e->run);
   s->foreign = !(len[0] == run_n && memcmp(part[0], e->run, run_n) == 0);
   if (s->foreign) { s->valid = 0; return 1; }
@@ -1594,10 +1594,10 @@ static void agent_message(conn *c, const field *f, int n) {
   buf_str(fb, "{\"type\":\"reply\",\"conversation\":"); buf_int(fb, conversation_id);
   buf_str(fb, ",\"client_msg_id\":");
   size_t id_start = fb->n + 1;
-  buf id = {0};
-  buf_str(&id, e->run); buf_str(&id, "-r-"); buf_put(&id, s.conv, s.conv_n); buf_put(&id, "-", 1); buf_int(&id, s.seq);
-  buf_json(fb, id.p, id.n);
-  buf_free(&id);
+  buf *id = &e->stamped;  /* the client id first, then (below) the stamped text */
+  id->n = 0;
+  buf_str(id, e->run); buf_str(id, "-r-"); buf_put(id, s.conv, s.conv_n); buf_put(id, "-", 1); buf_int(id, s.seq);
+  buf_json(fb, id->p, id->n);
   size_t id_end = fb->n - 1;
   buf_str(fb, ",\"text\":");
   const char *body = e->replies[s.seq % 3];
@@ -1716,7 +1716,6 @@ static customer *customer_get(engine *e, long index, const char *name) {
     cu = calloc(1, sizeof *cu);
     if (cu == NULL) abort();
     e->customers[index] = cu;
-    if (index >= e->n_customers) e->n_customers = index + 1;
   } else customer_free_state(e, cu);  /* the same user number back after it left */
   cu->e = e;
   cu->name = strdup(name);
@@ -1815,10 +1814,9 @@ static void *loop_main(void *arg) {
     publish(e);
   }
   /* stopping: close every connection (the target sees each go) */
-  for (long i = 0; i < e->n_customers; i++) if (e->customers[i]) conn_close_fd(&e->customers[i]->c);
+  for (long i = 0; i < e->cap_customers; i++) if (e->customers[i]) conn_close_fd(&e->customers[i]->c);
   for (int i = 0; i < e->n_agents; i++) conn_close_fd(&e->agents[i].c);
   publish(e);
-  pthread_mutex_lock(&e->lock); e->stopped = 1; pthread_mutex_unlock(&e->lock);
   return NULL;
 }
 
@@ -2076,9 +2074,7 @@ static PyObject *stamp_text_py(engine *e, PyObject *args) {
   const char *body, *sender, *conv; Py_ssize_t bn, sn, cn; int seq; long long intended;
   if (!PyArg_ParseTuple(args, "s#s#s#iL", &body, &bn, &sender, &sn, &conv, &cn, &seq, &intended)) return NULL;
   buf b = {0};
-  char *sender_c = dup_n(sender, (size_t)sn);
-  stamp_into(e, &b, body, (size_t)bn, sender_c, sn, conv, (size_t)cn, seq, intended);
-  free(sender_c);
+  stamp_into(e, &b, body, (size_t)bn, sender, (size_t)sn, conv, (size_t)cn, seq, intended);
   PyObject *result = PyUnicode_DecodeUTF8(b.p, (Py_ssize_t)b.n, "strict");
   buf_free(&b);
   return result;

@@ -126,7 +126,7 @@ def _address(url: str) -> tuple[bytes, str, str]:
     # (localhost may name ::1 first for a server listening on 127.0.0.1 only); none: the
     # first, and the engine reports what connecting to it says.
     family, _, _, _, sockaddr = found[0] if len(found) == 1 else next(
-        (item for item in found if _connects(item[4])), found[0])
+        (item for item in found if _connects(item[0], item[4])), found[0])
     host = str(sockaddr[0])
     # struct sockaddr_in / sockaddr_in6 as the kernel reads them: family in host order,
     # port (and flow info) in network order.
@@ -142,8 +142,7 @@ def _address(url: str) -> tuple[bytes, str, str]:
     return packed, path, parts.netloc
 
 
-def _connects(sockaddr: tuple[Any, ...]) -> bool:
-    family = socket.AF_INET6 if len(sockaddr) == 4 else socket.AF_INET
+def _connects(family: int, sockaddr: tuple[Any, ...]) -> bool:
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.settimeout(2.0)

@@ -124,9 +124,12 @@ def _options(parser: Any) -> None:
                        env_var=STAMP_KEY_ENV)
 
 
+Engine = WorkerEngine | CompiledWorkerEngine  # the worker's chat loop, either kind
+
+
 @dataclasses.dataclass
 class SwarmState:
-    engine: WorkerEngine | CompiledWorkerEngine | None = None
+    engine: Engine | None = None
     collector: Collector | None = None
     script: Script | None = None
     done_workers: set[str] = dataclasses.field(default_factory=set)
@@ -317,21 +320,25 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
                if index.isascii() and index.isdecimal()]
     agent_url = _opts(environment).cp_agent_target or None
     agents = agents_of_worker(config.agents, worker_index, workers)
+
+    def build(engine_class: type[Engine]) -> Engine:
+        return engine_class(host, config, codec, f"w{worker_index}", script=STATE.script,
+                            agent_url=agent_url, agents=agents)
+
+    engine: Engine
     try:
-        engine_class = choose_engine(_opts(environment).cp_engine, host, config, agent_url,
-                                     STATE.script)
-        STATE.engine = engine_class(host, config, codec, f"w{worker_index}",
-                                    script=STATE.script, agent_url=agent_url, agents=agents)
+        engine = build(choose_engine(_opts(environment).cp_engine, host, config, agent_url,
+                                     STATE.script))
     except (HarnessError, TargetError) as exc:
         # This worker cannot run its engine (--cp-engine compiled where it is not built, a
         # host that does not resolve): its failure, one line on the master, instead of a
         # traceback in this event and a run that waits for a worker with no engine.
-        STATE.engine = WorkerEngine(host, config, codec, f"w{worker_index}",
-                                    script=STATE.script, agent_url=agent_url, agents=agents)
-        STATE.engine.failure = str(exc)
-        STATE.engine.failure_cause = exc.cause.value if isinstance(exc, TargetError) else None
+        engine = build(WorkerEngine)
+        engine.failure = str(exc)
+        engine.failure_cause = exc.cause.value if isinstance(exc, TargetError) else None
     else:
-        STATE.engine.start(gevent.sleep)
+        engine.start(gevent.sleep)
+    STATE.engine = engine
     STATE.greenlets.append(gevent.spawn(_flush_forever, environment))
 
 
